@@ -1,0 +1,174 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Pure logic over ``Sequence`` records and a ``BlockPool`` (no tensors, no I/O).
+Each step: running sequences first (decodes take one token; unfinished prefills
+take a chunk), then waiting sequences are admitted in (priority, arrival) order
+while the token budget, the sequence cap and the free blocks allow. A prompt
+longer than the budget is prefilled in chunks over several steps. When a running
+sequence needs a block and none is free, the most recently arrived running
+sequence is preempted (blocks freed, recomputed later); nothing ever crashes on a
+full pool.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.engine.block_pool import BlockPool, compute_block_hashes
+from splitserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the sequence's last known token, so a next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    decodes: list[ScheduledChunk] = field(default_factory=list)  # exactly one new token each
+    prefills: list[ScheduledChunk] = field(default_factory=list)  # one or more new tokens after cached ones
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(c.num_new_tokens for c in self.prefills)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class BatchScheduler:
+    def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int):
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # ---- queue management -------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        if seq.priority == 0 or not self.waiting:
+            self.waiting.append(seq)
+            return
+        # higher priority first, FCFS within a priority
+        for i, other in enumerate(self.waiting):
+            if other.priority < seq.priority:
+                self.waiting.insert(i, seq)
+                return
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Mark finished and return its blocks (kept as prefix cache where hashed)."""
+        seq.status = status
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- one step -----------------------------------------------------------
+    def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = seq.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(seq.block_ids))
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def _admit_prefix(self, seq: Sequence) -> None:
+        """On (re)admission, reuse cached full blocks; always leave >= 1 token to compute."""
+        if not self.pool.enable_prefix_caching:
+            return
+        max_cached_blocks = (seq.num_tokens - 1) // self.block_size
+        hashes = compute_block_hashes(seq.token_ids[: max_cached_blocks * self.block_size], self.block_size)
+        hits = self.pool.lookup_prefix(hashes)
+        seq.block_ids = hits
+        seq.block_hashes = hashes[: len(hits)]
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledChunk] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below by an earlier sequence
+                continue
+            if budget <= 0:
+                break
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            need = self._blocks_needed(seq, num_new)
+            while not self.pool.can_allocate(need):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.block_ids.extend(self.pool.allocate(need))
+            scheduled.append(ScheduledChunk(seq, num_new))
+            budget -= num_new
+
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_ids:
+                self._admit_prefix(seq)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            need = self._blocks_needed(seq, num_new)
+            if not self.pool.can_allocate(need):
+                break  # wait for blocks; head-of-line keeps its prefix references
+            self.waiting.popleft()
+            seq.block_ids.extend(self.pool.allocate(need))
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledChunk(seq, num_new))
+            budget -= num_new
+
+        for chunk in scheduled:
+            is_decode = chunk.num_new_tokens == 1
+            (out.decodes if is_decode else out.prefills).append(chunk)
+        return out
+
+    def advance(self, chunk: ScheduledChunk) -> None:
+        """After the step ran: count the computed tokens and hash blocks that became full."""
+        seq = chunk.seq
+        seq.num_computed_tokens += chunk.num_new_tokens
+        if not self.pool.enable_prefix_caching:
+            return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full > len(seq.block_hashes):
+            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            new = compute_block_hashes(seq.token_ids[: num_full * self.block_size], self.block_size, parent, len(seq.block_hashes))
+            for i, h in enumerate(new, start=len(seq.block_hashes)):
+                self.pool.register(seq.block_ids[i], h)
+            seq.block_hashes.extend(new)

@@ -1,0 +1,216 @@
+"""The engine loop: add requests, step, collect outputs.
+
+Lifecycle of a request: ``add_request`` validates it (ValueError naming the field
+and the allowed range, before any block is touched) and queues a ``Sequence``;
+each ``step`` asks the batch scheduler what to run, runs the model once over the
+packed batch, samples, detokenizes, checks stop conditions and frees the blocks
+of finished sequences; ``abort_request`` frees a request's blocks at any time.
+Three lines carry the data flow: schedule -> execute -> process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from splitserve.engine.batch_scheduler import BatchScheduler, SchedulerOutput
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.config import EngineConfig
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.model_config import ModelConfig
+from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from splitserve.engine.sampler import sample
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is not None:
+        return model
+    from splitserve.engine.default_model import default_model_path
+
+    return str(default_model_path())
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.model_path = resolve_model_path(cfg.model)
+        self.model_config = ModelConfig.from_pretrained(self.model_path)
+        mc = self.model_config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.runner = ModelRunner(cfg, self.model_path, mc, self.max_model_len)
+        self.block_size = self.runner.block_size
+        self.pool = BlockPool(self.runner.num_blocks, self.block_size, cfg.enable_prefix_caching)
+        self.scheduler = BatchScheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._emitted: dict[str, tuple[int, int]] = {}  # tokens and characters already reported
+        self._counter = itertools.count()
+
+    # ---- requests -------------------------------------------------------------
+    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"the model at {self.model_path} has no tokenizer; pass prompts as lists of token ids")
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
+
+    def validate_prompt(self, token_ids: Seq[int]) -> None:
+        """ValueError naming the problem for prompts the engine cannot serve."""
+        if len(token_ids) == 0:
+            raise ValueError("prompt must not be empty (got 0 tokens)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab - 1}] (the vocabulary); got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but the model's context is {self.max_model_len} tokens "
+                f"(max_model_len), leaving no room to generate; shorten the prompt to at most {self.max_model_len - 1} tokens"
+            )
+        need = -(-(len(token_ids) + 1) // self.block_size)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks but the whole pool has {self.pool.num_blocks}; raise kv_cache_memory_bytes")
+
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        req_id: str | None = None,
+        *,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        token_ids = self.tokenize(prompt)
+        self.validate_prompt(token_ids)
+        bad_stop = [t for t in params.stop_token_ids if t >= self.model_config.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids must be in [0, {self.model_config.vocab_size - 1}], got {bad_stop}")
+        req_id = req_id if req_id is not None else f"req-{next(self._counter)}"
+        if req_id in self._seqs:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        seq = Sequence(
+            req_id=req_id,
+            token_ids=list(token_ids),
+            num_prompt_tokens=len(token_ids),
+            params=params,
+            priority=priority,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+        )
+        self._seqs[req_id] = seq
+        self._prompts[req_id] = prompt if isinstance(prompt, str) else None
+        self._detok[req_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, list(params.stop), params.include_stop_str_in_output)
+        self._emitted[req_id] = (0, 0)
+        self.scheduler.add(seq)
+        return req_id
+
+    def abort_request(self, req_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        seq = self._seqs.get(req_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        seq.finished_time = time.monotonic()
+        self._forget(req_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return self.scheduler.num_unfinished
+
+    # ---- the loop -------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits = self.runner.execute(sched)
+        return self._process(sched, logits)
+
+    def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+        now = time.monotonic()
+        sampling = [c for c in sched.chunks if c.samples]
+        tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.generator for c in sampling], self.generator)
+        for chunk in sched.chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = now
+            self.scheduler.advance(chunk)
+        outputs = []
+        for chunk, token in zip(sampling, tokens):
+            seq = chunk.seq
+            seq.token_ids.append(token)
+            seq.first_token_time = seq.first_token_time or now
+            seq.last_token_time = now
+            _, stop_str = self._detok[seq.req_id].update(token)
+            status = self._finish_status(seq, token, stop_str)
+            if status is not None:
+                self.scheduler.finish(seq, status)
+                seq.finished_time = now
+            outputs.append(self._output(seq))
+            if status is not None:
+                self._forget(seq.req_id)
+        return outputs
+
+    def _finish_status(self, seq: Sequence, token: int, stop_str: str | None) -> SequenceStatus | None:
+        p = seq.params
+        if stop_str is not None:
+            seq.stop_reason = stop_str
+            return SequenceStatus.FINISHED_STOPPED
+        if token in p.stop_token_ids:
+            seq.stop_reason = token
+            return SequenceStatus.FINISHED_STOPPED
+        if not p.ignore_eos and token in self.model_config.eos_token_ids:
+            return SequenceStatus.FINISHED_STOPPED
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        detok = self._detok[seq.req_id]
+        num_sent_tokens, num_sent_chars = self._emitted[seq.req_id]
+        out_ids = seq.output_ids
+        # while running, hold back text a stop string could still claim
+        holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+        text_end = len(detok.text) if seq.is_finished else max(num_sent_chars, len(detok.text) - holdback)
+        self._emitted[seq.req_id] = (len(out_ids), text_end)
+        finish = seq.status.value if seq.is_finished else None
+        metrics = RequestMetrics(
+            arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+            last_token_time=seq.last_token_time,
+            finished_time=seq.finished_time,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_preemptions=seq.num_preemptions,
+        )
+        return RequestOutput(
+            req_id=seq.req_id,
+            prompt=self._prompts.get(seq.req_id),
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            outputs=[CompletionOutput(0, detok.text, list(out_ids), finish, seq.stop_reason)],
+            finished=seq.is_finished,
+            metrics=metrics,
+            new_token_ids=list(out_ids[num_sent_tokens:]),
+            new_text=detok.text[num_sent_chars:text_end],
+        )
+
+    def _forget(self, req_id: str) -> None:
+        for d in (self._seqs, self._detok, self._prompts, self._emitted):
+            d.pop(req_id, None)
