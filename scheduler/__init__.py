@@ -7,7 +7,11 @@ a ``PairingPolicy`` for a ``PairDecision`` per request.
 from __future__ import annotations
 
 from splitserve.scheduler.load_view import LoadView
-from splitserve.scheduler.policy import LeastLoadedPolicy, blocks_needed, cached_prefix_tokens
+from splitserve.scheduler.policy import (
+    LeastLoadedPolicy,
+    blocks_needed,
+    cached_prefix_tokens,
+)
 from splitserve.scheduler.types import (
     NoWorkerAvailable,
     PairDecision,

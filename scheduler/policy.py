@@ -1,0 +1,210 @@
+"""Least-loaded pairing with conditional disaggregation. Pure: no I/O, no clock.
+
+``LeastLoadedPolicy.pick`` walks one request through four questions:
+
+1. Which workers may take it?  Healthy ones not in ``exclude`` (ids that
+   already failed this request). Decode-capable = ``DECODE`` or ``BOTH``.
+2. Which decode worker?  One with room for the prompt plus one output token
+   (``ceil((num_prompt_tokens + 1) / block_size)`` free blocks); among them the
+   most free KV tokens, then fewest running + waiting, then the smallest id.
+   None fits -> ``NoWorkerAvailable`` (back-pressure) or ``PromptTooLarge``.
+3. Aggregated deployment (only ``BOTH`` workers, no prefill worker)?  Pick the
+   least loaded ``BOTH`` worker (fewest queued prompt tokens, then fewest
+   active sequences, then most free KV) and prefill there.
+4. Remote or local prefill (conditional disaggregation, as in Dynamo)?  The
+   prefill worker is the one with the fewest queued tokens (then fewest
+   waiting, then id). Prefill locally on the decode worker when there is no
+   prefill worker, when that least-queued one is past
+   ``max_prefill_queue_tokens`` (so all are), or when the part of the prompt
+   the decode worker would have to compute itself -- prompt length minus the
+   longest cached prefix it holds -- is ``<= local_prefill_threshold_tokens``.
+
+The prefix overlap that decides (4) is measured on the *decode* worker: it is
+the cost of the local alternative. A prompt fully cached on a prefill worker
+but not on the decode worker is still expensive to prefill locally, so the
+prefill worker's cache argues for remote prefill, never for local.
+
+``priority`` and ``tenant`` are carried but not used here; a priority- or
+prefix-aware policy implements the same ``pick`` signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from splitserve.scheduler.types import (
+    NoWorkerAvailable,
+    PairDecision,
+    PairRequest,
+    PromptTooLarge,
+    WorkerLoad,
+    WorkerRole,
+)
+
+_DECODE_ROLES = (WorkerRole.DECODE, WorkerRole.BOTH)
+
+
+def blocks_needed(num_prompt_tokens: int, block_size: int) -> int:
+    """KV blocks a decode worker must have free: the prompt plus one output token."""
+    assert block_size > 0, block_size
+    return (num_prompt_tokens + block_size) // block_size  # == ceil((n + 1) / block_size)
+
+
+def cached_prefix_tokens(
+    block_hashes: Sequence[int],
+    held_hashes: frozenset[int],
+    block_size: int,
+    num_prompt_tokens: int,
+) -> int:
+    """Prompt tokens covered by the longest prefix of ``block_hashes`` found in ``held_hashes``.
+
+    Block hashes are chained (each covers its whole prefix), so matching stops
+    at the first miss: a later hit cannot be reused without the blocks before it.
+    """
+    num_hit_blocks = 0
+    for block_hash in block_hashes:
+        if block_hash not in held_hashes:
+            break
+        num_hit_blocks += 1
+    return min(num_hit_blocks * block_size, num_prompt_tokens)
+
+
+def _decode_key(load: WorkerLoad) -> tuple:
+    return (-load.num_free_tokens, load.num_active, load.worker_id)
+
+
+def _prefill_key(load: WorkerLoad) -> tuple:
+    return (load.num_queued_tokens, load.num_waiting, load.worker_id)
+
+
+def _aggregated_key(load: WorkerLoad) -> tuple:
+    return (load.num_queued_tokens, load.num_active, -load.num_free_tokens, load.worker_id)
+
+
+def _count(loads: Iterable[WorkerLoad], predicate) -> int:
+    return sum(1 for load in loads if predicate(load))
+
+
+class LeastLoadedPolicy:
+    """Default ``PairingPolicy``: least-loaded pairing with conditional disaggregation.
+
+    ``local_prefill_threshold_tokens``: prefill on the decode worker when at
+    most this many prompt tokens are not already cached there (0 = only when
+    the decode worker holds the whole prompt).
+    ``max_prefill_queue_tokens``: a prefill worker with more queued prompt
+    tokens than this is saturated; when all are, prefill locally (None = no limit).
+    ``retry_after_s``: the back-off hint carried by ``NoWorkerAvailable``.
+    """
+
+    def __init__(
+        self,
+        local_prefill_threshold_tokens: int = 0,
+        max_prefill_queue_tokens: int | None = None,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        if local_prefill_threshold_tokens < 0:
+            raise ValueError(
+                f"local_prefill_threshold_tokens must be >= 0, got {local_prefill_threshold_tokens}"
+            )
+        if max_prefill_queue_tokens is not None and max_prefill_queue_tokens < 0:
+            raise ValueError(
+                f"max_prefill_queue_tokens must be >= 0 or None (no limit), got {max_prefill_queue_tokens}"
+            )
+        self.local_prefill_threshold_tokens = local_prefill_threshold_tokens
+        self.max_prefill_queue_tokens = max_prefill_queue_tokens
+        self.retry_after_s = retry_after_s
+
+    def pick(
+        self,
+        request: PairRequest,
+        loads: Sequence[WorkerLoad],
+        exclude: frozenset[str] = frozenset(),
+    ) -> PairDecision:
+        """Choose the workers for ``request``; raise ``NoWorkerAvailable`` when none can take it."""
+        assert request.num_prompt_tokens >= 1, request
+        usable = [w for w in loads if w.is_healthy and w.worker_id not in exclude]
+        decoders = [w for w in usable if w.role in _DECODE_ROLES]
+        prefillers = [w for w in usable if w.role == WorkerRole.PREFILL]
+        if not decoders:
+            raise self._no_decoder(loads, exclude)
+
+        fitting = [
+            w for w in decoders
+            if w.num_free_blocks >= blocks_needed(request.num_prompt_tokens, w.block_size)
+        ]
+        if not fitting:
+            raise self._all_full(request, decoders)
+
+        if not prefillers and all(w.role == WorkerRole.BOTH for w in fitting):
+            chosen = min(fitting, key=_aggregated_key)
+            return PairDecision(
+                None,
+                chosen.worker_id,
+                f"aggregated: {chosen.worker_id} is least loaded "
+                f"({chosen.num_queued_tokens} queued tokens, {chosen.num_active} active, "
+                f"{chosen.num_free_blocks} free blocks) of {len(fitting)} with room",
+            )
+
+        decoder = min(fitting, key=_decode_key)
+        where = (
+            f"decode on {decoder.worker_id} ({decoder.num_free_blocks} free blocks, "
+            f"{decoder.num_active} active)"
+        )
+        if not prefillers:
+            return PairDecision(None, decoder.worker_id, f"local prefill: no healthy prefill worker; {where}")
+
+        prefiller = min(prefillers, key=_prefill_key)
+        limit = self.max_prefill_queue_tokens
+        if limit is not None and prefiller.num_queued_tokens > limit:
+            return PairDecision(
+                None,
+                decoder.worker_id,
+                f"local prefill: all {len(prefillers)} prefill workers saturated (least queued "
+                f"{prefiller.worker_id} has {prefiller.num_queued_tokens} tokens > limit {limit}); {where}",
+            )
+
+        num_cached = cached_prefix_tokens(
+            request.block_hashes, decoder.prefix_hashes, decoder.block_size, request.num_prompt_tokens
+        )
+        num_uncached = request.num_prompt_tokens - num_cached
+        threshold = self.local_prefill_threshold_tokens
+        if num_uncached <= threshold:
+            return PairDecision(
+                None,
+                decoder.worker_id,
+                f"local prefill: {num_uncached} uncached prompt tokens <= threshold {threshold} "
+                f"({num_cached} of {request.num_prompt_tokens} cached on {decoder.worker_id}); {where}",
+            )
+        return PairDecision(
+            prefiller.worker_id,
+            decoder.worker_id,
+            f"remote prefill on {prefiller.worker_id} ({prefiller.num_queued_tokens} queued tokens): "
+            f"{num_uncached} uncached prompt tokens > threshold {threshold}; {where}",
+        )
+
+    def _no_decoder(self, loads: Sequence[WorkerLoad], exclude: frozenset[str]) -> NoWorkerAvailable:
+        known = [w for w in loads if w.role in _DECODE_ROLES]
+        num_excluded = _count(known, lambda w: w.worker_id in exclude)
+        num_unhealthy = _count(known, lambda w: not w.is_healthy and w.worker_id not in exclude)
+        return NoWorkerAvailable(
+            f"no healthy decode worker: {len(known)} known, {num_unhealthy} unhealthy, "
+            f"{num_excluded} excluded after failures",
+            retry_after_s=self.retry_after_s,
+        )
+
+    def _all_full(self, request: PairRequest, decoders: list[WorkerLoad]) -> NoWorkerAvailable:
+        n = request.num_prompt_tokens
+        if all(w.num_total_blocks < blocks_needed(n, w.block_size) for w in decoders):
+            largest = max(decoders, key=lambda w: w.num_total_blocks * w.block_size)
+            return PromptTooLarge(
+                f"prompt of {n} tokens needs {blocks_needed(n, largest.block_size)} KV blocks but the "
+                f"largest decode worker ({largest.worker_id}) has {largest.num_total_blocks} in total; "
+                "shorten the prompt or add KV memory"
+            )
+        roomiest = min(decoders, key=_decode_key)
+        return NoWorkerAvailable(
+            f"all {len(decoders)} healthy decode workers are full: request {request.req_id} needs "
+            f"{blocks_needed(n, roomiest.block_size)} blocks ({n} prompt tokens + 1), most free is "
+            f"{roomiest.num_free_blocks} on {roomiest.worker_id}",
+            retry_after_s=self.retry_after_s,
+        )

@@ -1,0 +1,125 @@
+"""Greedy output of the engine equals transformers' ``generate`` token for token.
+
+For Llama (llama3 rope scaling), Qwen2 (qkv bias, tied embeddings) and Mistral
+(sharded checkpoint, explicit head_dim), 16 prompts of 1 to 2,000 tokens, run:
+all at once; with chunked prefill forced by a small token budget; arriving while
+others decode; and under KV-pool pressure (preemption and recompute).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from splitserve import SamplingParams
+from tests.helpers import assert_no_leaks, hf_greedy, hf_model
+
+pytestmark = pytest.mark.engine
+
+PROMPT_LENS = [1, 2, 3, 7, 15, 16, 17, 33, 64, 100, 255, 256, 511, 1000, 1500, 2000]
+MAX_TOKENS = 8
+
+
+def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, vocab) for _ in range(n)] for n in PROMPT_LENS]
+
+
+def _vocab(path: str) -> int:
+    import json
+    import os
+
+    return json.load(open(os.path.join(path, "config.json")))["vocab_size"]
+
+
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("mode", ["all_at_once", "chunked"])
+def test_greedy_matches_transformers(checkpoints, make_llm, arch, mode):
+    path = checkpoints[arch]
+    prompts = _prompts(_vocab(path), seed=len(arch))
+    budget = 4096 if mode == "all_at_once" else 96
+    llm = make_llm(path, max_num_batched_tokens=budget, num_kv_blocks=1024, enable_prefix_caching=False)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(path, p, MAX_TOKENS), f"{arch}/{mode}: prompt of {len(p)} tokens diverged"
+        assert o.finish_reason == "length"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_arrivals_mid_run(checkpoints, make_llm, arch):
+    """Half the prompts start; the rest join one by one while the first ones decode."""
+    path = checkpoints[arch]
+    prompts = _prompts(_vocab(path), seed=7)
+    llm = make_llm(path, max_num_batched_tokens=512, num_kv_blocks=1024)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in prompts[::2]]
+    late = prompts[1::2]
+    finals = {}
+    steps = 0
+    while engine.has_unfinished_requests() or late:
+        if late and steps % 2 == 1:
+            ids.append(engine.add_request(late.pop(0), GREEDY))
+        for out in engine.step():
+            if out.finished:
+                finals[out.req_id] = out
+        steps += 1
+    order = prompts[::2] + prompts[1::2]
+    for req_id, p in zip(ids, order):
+        assert finals[req_id].token_ids == hf_greedy(path, p, MAX_TOKENS), f"prompt of {len(p)} tokens diverged"
+    assert_no_leaks(engine)
+
+
+def test_preemption_under_pool_pressure(checkpoints, make_llm):
+    """A pool far too small for all requests: sequences are preempted and recomputed, output unchanged."""
+    path = checkpoints["llama"]
+    rng = random.Random(3)
+    prompts = [[rng.randrange(5, _vocab(path)) for _ in range(n)] for n in (40, 70, 90, 120, 33, 64)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    llm = make_llm(path, num_kv_blocks=24, block_size=16, max_num_batched_tokens=256)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0, "the pool was meant to force preemption"
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(path, p, 40)
+
+
+def test_prefix_cache_hits_keep_outputs_exact(checkpoints, make_llm):
+    path = checkpoints["qwen2"]
+    rng = random.Random(5)
+    shared = [rng.randrange(5, _vocab(path)) for _ in range(300)]
+    prompts = [shared + [rng.randrange(5, _vocab(path)) for _ in range(n)] for n in (1, 20, 50)]
+    llm = make_llm(path, num_kv_blocks=512)
+    first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    rest = llm.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert first[0].metrics.num_cached_tokens == 0
+    assert all(o.metrics.num_cached_tokens >= 288 for o in rest), [o.metrics.num_cached_tokens for o in rest]
+    for p, o in zip(prompts, first + rest):
+        assert o.token_ids == hf_greedy(path, p, MAX_TOKENS)
+
+
+def _engine_prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
+    engine = llm.engine
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    sched = engine.scheduler.schedule()
+    logits = engine.runner.execute(sched)
+    engine._process(sched, logits)
+    return logits[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_logits_within_stated_tolerance(checkpoints, make_llm, arch):
+    """bf16 error is judged against HF's own bf16 error: ours may be at most 2x HF's (+0.05 logits)."""
+    path = checkpoints[arch]
+    prompt = _prompts(_vocab(path), seed=11)[12]  # 511 tokens
+    ref = hf_model(path, torch.float32)(torch.tensor([prompt])).logits[0, -1].float()
+    hf_bf16 = hf_model(path, torch.bfloat16)(torch.tensor([prompt])).logits[0, -1].float()
+    ours = _engine_prompt_logits(make_llm(path, dtype="bfloat16"), prompt)
+    ours32 = _engine_prompt_logits(make_llm(path, dtype="float32"), prompt)
+    hf_err = (hf_bf16 - ref).abs().max().item()
+    our_err = (ours - ref).abs().max().item()
+    assert (ours32 - ref).abs().max().item() < 1e-3
+    assert our_err <= 2 * hf_err + 0.05, f"bf16 max logit error {our_err:.4f} vs transformers' own {hf_err:.4f}"
