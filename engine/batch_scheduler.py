@@ -71,10 +71,17 @@ class BatchScheduler:
                 return
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
-        """Mark finished and return its blocks (kept as prefix cache where hashed)."""
+    def finish(self, seq: Sequence, status: SequenceStatus, keep_blocks: bool = False) -> list[int]:
+        """Mark finished and return its blocks to the pool (kept as prefix cache where hashed).
+
+        With ``keep_blocks`` the blocks stay referenced and are returned to the caller,
+        who frees them later (a prefill worker keeps them until the KV transfer is done).
+        """
         seq.status = status
-        self.pool.free(seq.block_ids)
+        blocks = seq.block_ids
+        if not keep_blocks:
+            self.pool.free(blocks)
+            blocks = []
         seq.block_ids = []
         if seq in self.running:
             self.running.remove(seq)
@@ -83,6 +90,7 @@ class BatchScheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
+        return blocks
 
     @property
     def num_unfinished(self) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from splitserve.engine.batch_scheduler import BatchScheduler, SchedulerOutput
-from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.block_pool import BlockPool, compute_block_hashes
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.model_config import ModelConfig
@@ -58,6 +58,8 @@ class LLMEngine:
         self._prompts: dict[str, str | None] = {}
         self._emitted: dict[str, tuple[int, int]] = {}  # tokens and characters already reported
         self._counter = itertools.count()
+        self._held: dict[str, list[int]] = {}  # finished keep_kv requests -> blocks awaiting transfer
+        self._reserved: dict[str, list[int]] = {}  # decode side: blocks waiting for incoming KV
 
     # ---- requests -------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -92,7 +94,9 @@ class LLMEngine:
         *,
         priority: int = 0,
         arrival_time: float | None = None,
+        keep_kv: bool = False,
     ) -> str:
+        """Queue a request; ``keep_kv`` holds its KV blocks after it finishes (see ``release_kv``)."""
         params = params or SamplingParams()
         params.validate()
         token_ids = self.tokenize(prompt)
@@ -111,16 +115,83 @@ class LLMEngine:
             priority=priority,
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+            keep_kv=keep_kv,
         )
-        self._seqs[req_id] = seq
-        self._prompts[req_id] = prompt if isinstance(prompt, str) else None
-        self._detok[req_id] = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, list(params.stop), params.include_stop_str_in_output)
-        self._emitted[req_id] = (0, 0)
+        self._track(seq, prompt if isinstance(prompt, str) else None)
         self.scheduler.add(seq)
         return req_id
 
+    def _track(self, seq: Sequence, prompt: str | None) -> None:
+        p = seq.params
+        self._seqs[seq.req_id] = seq
+        self._prompts[seq.req_id] = prompt
+        self._detok[seq.req_id] = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, list(p.stop), p.include_stop_str_in_output)
+        self._emitted[seq.req_id] = (0, 0)
+
+    # ---- KV hand-off (disaggregated roles) ------------------------------------
+    def release_kv(self, req_id: str) -> bool:
+        """Free the blocks a finished ``keep_kv`` request still holds (after its transfer)."""
+        blocks = self._held.pop(req_id, None)
+        if blocks is None:
+            return False
+        self.pool.free(blocks)
+        return True
+
+    def reserve_blocks(self, req_id: str, num_tokens: int) -> list[int]:
+        """Decode side: set aside blocks for ``num_tokens`` of incoming KV; raises ``NoFreeBlocks``."""
+        if req_id in self._reserved or req_id in self._seqs:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        if num_tokens < 1 or num_tokens >= self.max_model_len:
+            raise ValueError(f"cannot reserve KV for {num_tokens} tokens; the model's context is {self.max_model_len} tokens")
+        blocks = self.pool.allocate(-(-num_tokens // self.block_size))
+        self._reserved[req_id] = blocks
+        return blocks
+
+    def release_reservation(self, req_id: str) -> bool:
+        blocks = self._reserved.pop(req_id, None)
+        if blocks is None:
+            return False
+        self.pool.free(blocks)
+        return True
+
+    def add_prefilled_request(
+        self, req_id: str, prompt_ids: Seq[int], first_token: int, params: SamplingParams, *, priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> RequestOutput:
+        """Decode side: admit a request whose prompt KV arrived in its reserved blocks.
+
+        The first token (sampled by the prefill worker) is reported at once; the
+        request then decodes like any other, or finishes here if that token ends it.
+        """
+        blocks = self._reserved.pop(req_id, None)
+        if blocks is None:
+            raise ValueError(f"request {req_id!r} has no reserved KV blocks on this worker")
+        try:
+            self.validate_prompt(prompt_ids)
+            if not 0 <= first_token < self.model_config.vocab_size:
+                raise ValueError(f"first token {first_token} is outside the vocabulary")
+        except ValueError:
+            self.pool.free(blocks)
+            raise
+        now = time.monotonic()
+        seq = Sequence(
+            req_id=req_id, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids), params=params, priority=priority,
+            arrival_time=arrival_time if arrival_time is not None else now,
+            generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
+            block_ids=blocks, num_computed_tokens=len(prompt_ids), first_scheduled_time=now,
+        )
+        if self.pool.enable_prefix_caching:
+            seq.block_hashes = compute_block_hashes(seq.token_ids, self.block_size)
+            for block_id, h in zip(blocks, seq.block_hashes):
+                self.pool.register(block_id, h)
+        self._track(seq, None)
+        self.scheduler.add(seq)
+        return self._append_token(seq, first_token, now)
+
     def abort_request(self, req_id: str) -> bool:
-        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        """Stop a request and free its blocks (held or reserved ones too); False if there was nothing to stop."""
+        if self.release_reservation(req_id) | self.release_kv(req_id):
+            return True
         seq = self._seqs.get(req_id)
         if seq is None or seq.is_finished:
             return False
@@ -128,6 +199,10 @@ class LLMEngine:
         seq.finished_time = time.monotonic()
         self._forget(req_id)
         return True
+
+    def num_blocks_in_flight(self) -> int:
+        """Blocks held for transfers or reserved for incoming KV."""
+        return sum(map(len, self._held.values())) + sum(map(len, self._reserved.values()))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -153,20 +228,25 @@ class LLMEngine:
                 chunk.seq.first_scheduled_time = now
             self.scheduler.advance(chunk)
         outputs = []
-        for chunk, token in zip(sampling, tokens):
-            seq = chunk.seq
-            seq.token_ids.append(token)
-            seq.first_token_time = seq.first_token_time or now
-            seq.last_token_time = now
-            _, stop_str = self._detok[seq.req_id].update(token)
-            status = self._finish_status(seq, token, stop_str)
-            if status is not None:
-                self.scheduler.finish(seq, status)
-                seq.finished_time = now
-            outputs.append(self._output(seq))
-            if status is not None:
-                self._forget(seq.req_id)
-        return outputs
+        return [self._append_token(chunk.seq, token, now) for chunk, token in zip(sampling, tokens)]
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
+        seq.token_ids.append(token)
+        seq.first_token_time = seq.first_token_time or now
+        seq.last_token_time = now
+        _, stop_str = self._detok[seq.req_id].update(token)
+        status = self._finish_status(seq, token, stop_str)
+        kept: list[int] = []
+        if status is not None:
+            kept = self.scheduler.finish(seq, status, keep_blocks=seq.keep_kv)
+            if kept:
+                self._held[seq.req_id] = kept
+            seq.finished_time = now
+        out = self._output(seq)
+        out.kv_block_ids = kept
+        if status is not None:
+            self._forget(seq.req_id)
+        return out
 
     def _finish_status(self, seq: Sequence, token: int, stop_str: str | None) -> SequenceStatus | None:
         p = seq.params

@@ -43,6 +43,7 @@ class RequestOutput:
     metrics: RequestMetrics
     new_token_ids: list[int] = field(default_factory=list)  # tokens added since the previous output
     new_text: str = ""
+    kv_block_ids: list[int] = field(default_factory=list)  # held blocks of a keep_kv request, in order
 
     # conveniences for the single-completion case
     @property

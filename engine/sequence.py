@@ -49,6 +49,7 @@ class Sequence:
     last_token_time: float | None = None
     finished_time: float | None = None
     stop_reason: int | str | None = None
+    keep_kv: bool = False  # on finish, hold the blocks for a KV transfer instead of freeing them
 
     @property
     def num_tokens(self) -> int:

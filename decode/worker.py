@@ -1,0 +1,147 @@
+"""Decode worker: reserves blocks for incoming KV, admits sequences once it lands, streams tokens.
+
+Request lifecycle on this worker (disaggregated path):
+  1. reserved: ``reserve(req_id, n)`` sets aside blocks for an n-token prompt, or
+     raises ``WorkerBusy`` (back-pressure) when the pool cannot hold it.
+  2. awaiting KV: ``generate_prefilled(req)`` waits for the prefill worker's NIXL
+     notification ``[req_id, first_token]`` (bounded by ``kv_wait_timeout_s``).
+  3. running: the sequence joins the continuous batch with its first token and
+     decodes one token per step; chunks stream back to the caller.
+  4. finished / aborted: blocks return to the pool (prompt blocks stay as
+     prefix cache). A reservation nobody claims within ``reservation_ttl_s`` is
+     freed by the reaper; a stream whose consumer goes away aborts its request.
+
+With role "both" the same worker also serves whole requests locally
+(``generate``): the aggregated baseline, and the fallback when no prefill
+worker can take a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+
+from splitserve.engine.block_pool import NoFreeBlocks
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.worker_base import EngineWorker, WorkerBusy, output_chunk
+
+logger = logging.getLogger(__name__)
+
+NOTIF_POLL_S = 0.002
+
+
+class KVNotArrived(TimeoutError):
+    """The prompt's KV did not arrive from the prefill worker in time."""
+
+
+class DecodeWorker(EngineWorker):
+    role = "decode"
+
+    def __init__(self, *args: Any, role: str = "decode", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.role = role
+        self._reserved_at: dict[str, float] = {}
+        self._arrived: dict[str, tuple[int, float]] = {}  # req_id -> (first token, arrival time)
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._poller: asyncio.Task | None = None
+
+    # ---- reservations ------------------------------------------------------------
+    async def reserve(self, req_id: str, num_prompt_tokens: int) -> list[int]:
+        try:
+            blocks = await self.aengine.call(lambda: self.engine.reserve_blocks(req_id, num_prompt_tokens))
+        except NoFreeBlocks as e:
+            raise WorkerBusy(f"decode worker {self.worker_id} has no room for {num_prompt_tokens} prompt tokens: {e}") from e
+        self._reserved_at[req_id] = time.monotonic()
+        self._ensure_poller()
+        return blocks
+
+    async def release(self, req_id: str) -> bool:
+        self._reserved_at.pop(req_id, None)
+        self._arrived.pop(req_id, None)
+        return await self.aengine.call(lambda: self.engine.release_reservation(req_id))
+
+    # ---- KV arrival ----------------------------------------------------------------
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll_notifications(), name="kv-notifications")
+
+    async def _poll_notifications(self) -> None:
+        """Drain NIXL notifications while reservations are open; reap stale ones."""
+        while self._reserved_at or self._waiters:
+            for _peer, msg in self.agent.get_notifications():
+                try:
+                    req_id, first_token = msgpack.unpackb(msg)
+                except Exception:
+                    logger.warning("ignoring malformed KV notification %r", msg[:64])
+                    continue
+                waiter = self._waiters.pop(req_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(int(first_token))
+                elif req_id in self._reserved_at:
+                    self._arrived[req_id] = (int(first_token), time.monotonic())
+            now = time.monotonic()
+            for req_id, t in list(self._reserved_at.items()):
+                if now - t > self.options.reservation_ttl_s and req_id not in self._waiters:
+                    logger.warning("freeing reservation of %s: unclaimed for %.0f s", req_id, now - t)
+                    await self.release(req_id)
+            await asyncio.sleep(NOTIF_POLL_S)
+
+    async def _wait_kv(self, req_id: str, timeout_s: float) -> int:
+        if req_id in self._arrived:
+            return self._arrived.pop(req_id)[0]
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[req_id] = fut
+        self._ensure_poller()
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError as e:
+            raise KVNotArrived(f"KV for {req_id} did not arrive within {timeout_s:.1f} s") from e
+        finally:
+            self._waiters.pop(req_id, None)
+
+    # ---- generation --------------------------------------------------------------
+    async def generate_prefilled(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream a request whose prompt KV the prefill worker is writing into our reserved blocks."""
+        req_id = req["req_id"]
+        self.num_requests += 1
+        finished = False
+        try:
+            timeout = float(req.get("kv_timeout_s") or self.options.kv_wait_timeout_s)
+            first_token = req.get("first_token")
+            notified = await self._wait_kv(req_id, timeout)
+            if first_token is not None and int(first_token) != notified:
+                raise RuntimeError(f"{req_id}: first token {first_token} from the caller disagrees with the KV notification ({notified})")
+            self._reserved_at.pop(req_id, None)
+            params = SamplingParams.from_dict(req["sampling"])
+            prompt_ids = list(req["prompt_token_ids"])
+            add = lambda: self.engine.add_prefilled_request(req_id, prompt_ids, notified, params, priority=req.get("priority", 0))  # noqa: E731
+            async for out in self.aengine.stream(req_id, add):
+                finished = out.finished
+                yield output_chunk(out)
+        except BaseException:
+            if not finished:
+                self.num_failed += 1
+            raise
+        finally:
+            if not finished:
+                await asyncio.shield(self.release(req_id))
+
+    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Prefill and decode locally (aggregated mode, short prompts, or fallback)."""
+        self.num_requests += 1
+        params = SamplingParams.from_dict(req["sampling"])
+        prompt = req.get("prompt_token_ids") or req.get("prompt")
+        finished = False
+        try:
+            async for out in self.aengine.generate(req["req_id"], prompt, params, priority=req.get("priority", 0)):
+                finished = out.finished
+                yield output_chunk(out)
+        except BaseException:
+            if not finished:
+                self.num_failed += 1
+            raise

@@ -1,0 +1,78 @@
+"""Prefill worker: computes prompt KV, pushes it to a decode worker over NIXL, returns the first token.
+
+Request lifecycle on this worker:
+  1. ``prefill(req)`` arrives with the prompt, the sampling settings and the
+     destination: decode worker id + the block ids it reserved.
+  2. waiting -> prefilling: the engine batches it with other prompts under the
+     token budget (chunked when long, cached prefix blocks skipped) and samples
+     the first token; the request's blocks are *held* (not freed) at the end.
+  3. transferring: one NIXL WRITE of the prompt's blocks into the decode
+     worker's blocks, carrying a notification ``[req_id, first_token]``;
+     bounded by ``transfer_timeout_s``.
+  4. done: the held blocks are released (they stay as prefix cache) and the
+     first token plus timings go back to the caller. On any failure or
+     cancellation the blocks are released too and the error propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import msgpack
+
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.worker_base import EngineWorker
+
+
+def prefill_only(params: SamplingParams) -> SamplingParams:
+    """The request's sampling settings, cut to one token with no stop rule (the decode side applies them)."""
+    return replace(params, max_tokens=1, stop=[], stop_token_ids=[], ignore_eos=True)
+
+
+class PrefillWorker(EngineWorker):
+    role = "prefill"
+
+    async def prefill(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Prefill ``req`` and write its KV to ``req['decode_worker_id']`` at ``req['dst_block_ids']``."""
+        req_id = req["req_id"]
+        prompt_ids = list(req["prompt_token_ids"])
+        params = prefill_only(SamplingParams.from_dict(req["sampling"]))
+        self.num_requests += 1
+        t0 = time.monotonic()
+        final = None
+        try:
+            async for out in self.aengine.generate(req_id, prompt_ids, params, priority=req.get("priority", 0), keep_kv=True):
+                final = out
+            assert final is not None and final.finished
+            prefill_s = time.monotonic() - t0
+            first_token = final.token_ids[0]
+            num_blocks = -(-len(prompt_ids) // self.engine.block_size)
+            src = final.kv_block_ids[:num_blocks]
+            dst = list(req["dst_block_ids"])[:num_blocks]
+            if len(dst) < num_blocks:
+                raise ValueError(f"decode worker reserved {len(dst)} blocks, the prompt needs {num_blocks}")
+            notif = msgpack.packb([req_id, first_token])
+            handle = self.agent.write_blocks(req["decode_worker_id"], src, dst, notif)
+            try:
+                await self.agent.wait_async(handle, self.options.transfer_timeout_s)
+            except BaseException:
+                self.agent.cancel(handle, "prefill request ended before its transfer")
+                raise
+            transfer_s = time.monotonic() - t0 - prefill_s
+            self.transfer_bytes += handle.num_bytes
+            self.transfer_seconds += transfer_s
+        except BaseException:
+            self.num_failed += 1
+            raise
+        finally:
+            await self.aengine.call(lambda: self.engine.release_kv(req_id))
+        return {
+            "req_id": req_id,
+            "first_token": first_token,
+            "num_cached_tokens": final.metrics.num_cached_tokens,
+            "prefill_s": prefill_s,
+            "transfer_bytes": handle.num_bytes,
+            "transfer_s": transfer_s,
+        }

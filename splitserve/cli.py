@@ -1,0 +1,93 @@
+"""The ``splitserve`` command line.
+
+    splitserve make-model DIR [--size tiny|small]   write a random HF checkpoint (no download)
+    splitserve generate --prompt "..." [--model DIR] offline generation with the in-process engine
+    splitserve serve [--model DIR] [--mode ...]      the disaggregated OpenAI-compatible server
+
+Every sub-command that takes ``--model`` falls back to the embedded default
+checkpoint (built once into ``$SPLITSERVE_CACHE``) when none is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from splitserve.engine.default_model import MODEL_SIZES, make_model
+
+    if args.size not in MODEL_SIZES:
+        print(f"error: --size must be one of {', '.join(MODEL_SIZES)}", file=sys.stderr)
+        return 2
+    path = make_model(args.dir, args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.size} checkpoint to {path} (random weights: its text means nothing)")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from splitserve import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    prompts = args.prompt or ["The quick brown fox"]
+    for out in llm.generate(prompts, params, use_tqdm=len(prompts) > 1):
+        m = out.metrics
+        print(json.dumps({
+            "prompt": out.prompt, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "num_prompt_tokens": len(out.prompt_token_ids), "time_to_first_token_s": round(m.time_to_first_token or 0.0, 4),
+            "latency_s": round(m.e2e_latency or 0.0, 4),
+        }))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-model", help="write a random-weight HF checkpoint (config.json + safetensors + tokenizer)")
+    mk.add_argument("dir", help="output directory")
+    mk.add_argument("--size", default="small", help="tiny (tests) or small (~82M params, benchmarks)")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--overwrite", action="store_true", help="replace checkpoint files in a non-empty directory")
+    mk.set_defaults(func=_cmd_make_model)
+
+    gen = sub.add_parser("generate", help="offline generation with the in-process engine")
+    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded model)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=_cmd_generate)
+
+    try:
+        from splitserve.serve_cli import add_serve_parser
+    except ImportError:  # serving extras not importable: offline commands still work
+        add_serve_parser = None
+    if add_serve_parser is not None:
+        add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
