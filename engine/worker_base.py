@@ -22,7 +22,10 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
+from splitserve.scheduler.types import WorkerBusy
 from splitserve.transfer import make_transfer_agent
+
+__all__ = ["EngineWorker", "WorkerBusy", "WorkerOptions", "output_chunk"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +41,6 @@ class WorkerOptions:
     delay_fraction: float = 0.0
     delay_s: float = 0.0
     fault_seed: int = 0
-
-
-class WorkerBusy(RuntimeError):
-    """The worker cannot take the request now (no KV blocks); retry later or elsewhere."""
 
 
 def output_chunk(out: RequestOutput) -> dict[str, Any]:

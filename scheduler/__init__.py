@@ -18,11 +18,13 @@ from splitserve.scheduler.types import (
     PairingPolicy,
     PairRequest,
     PromptTooLarge,
+    WorkerBusy,
     WorkerLoad,
     WorkerRole,
 )
 
 __all__ = [
+    "WorkerBusy",
     "LeastLoadedPolicy",
     "LoadView",
     "NoWorkerAvailable",

@@ -117,3 +117,7 @@ class PairingPolicy(Protocol):
         loads: Sequence[WorkerLoad],
         exclude: frozenset[str] = frozenset(),
     ) -> PairDecision: ...
+
+
+class WorkerBusy(RuntimeError):
+    """Raised by a worker that cannot take a request now (no KV blocks): try another or later."""

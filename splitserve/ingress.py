@@ -1,0 +1,298 @@
+"""The OpenAI-compatible HTTP front: validate, tokenize, route, stream.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when
+``stream``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus),
+``GET /admin/workers`` (per-worker load and KV blocks in use).
+
+Every bad request is answered with a 4xx and OpenAI's error body naming the
+problem: malformed JSON (400), a field out of range (400), an unknown model
+(404), a body over the size limit (413), a missing or wrong API key (401), a
+prompt that does not fit the context (400). No capacity: 503 with Retry-After.
+The app object is built by ``build_http_app(core)``; the Ray Serve ``Ingress``
+deployment (``splitserve.app``) wraps the same app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from splitserve import openai_protocol as oai
+from splitserve.config import ServeConfig
+from splitserve.engine.model_config import ModelConfig
+from splitserve.engine.tokenizer import load_tokenizer
+from splitserve.metrics import Metrics
+from splitserve.router import RequestFailed, RoutedRequest, Router
+from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PromptTooLarge
+from splitserve.scheduler.worker_registry import WorkerRegistry
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(oai.error_body(self.message, self.type, self.param, self.status), status_code=self.status, headers=self.headers)
+
+
+class IngressCore:
+    """State shared by the routes: tokenizer, limits, router, metrics."""
+
+    def __init__(self, cfg: ServeConfig, model_path: str, prefill: dict[str, Any], decode: dict[str, Any]):
+        self.cfg = cfg
+        self.model_path = model_path
+        mc = ModelConfig.from_pretrained(model_path)
+        self.max_model_len = min(cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.vocab_size = mc.vocab_size
+        self.tokenizer = load_tokenizer(model_path)
+        self.served_name = cfg.http.served_model_name or _default_name(cfg, model_path)
+        self.model_names = list(dict.fromkeys([self.served_name, model_path, cfg.engine.model or model_path]))
+        self.metrics = Metrics()
+        r = cfg.routing
+        self.registry = WorkerRegistry(prefill, decode, poll_interval_s=r.load_poll_interval_s, max_age_s=r.load_max_age_s)
+        policy = LeastLoadedPolicy(local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens)
+        self.router = Router(self.registry, self.metrics, mode=cfg.mode, policy=policy, max_attempts=r.max_attempts, prefill_timeout_s=r.prefill_timeout_s)
+
+    # ---- request preparation -----------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_names:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {self.served_name!r}", "NotFoundError", "model")
+
+    def tokenize_prompt(self, req: oai.CompletionRequest) -> list[int]:
+        if req.prompt_token_ids is not None:
+            ids = list(req.prompt_token_ids)
+        else:
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
+            ids = self.tokenizer.encode(req.prompt_text or "")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size - 1}]; got {bad[:5]}", param="prompt")
+        return ids
+
+    def tokenize_chat(self, req: oai.ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                req.conversation(), add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message, tokenize=False, **(req.chat_template_kwargs or {}),
+            )
+        except Exception as e:  # template errors (unsupported role, ...) are the client's
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def routed(self, req: oai.CompletionRequest | oai.ChatCompletionRequest, prompt_ids: list[int], chat: bool) -> RoutedRequest:
+        n = len(prompt_ids)
+        param = "messages" if chat else "prompt"
+        if n == 0:
+            raise APIError(400, "the prompt is empty", param=param)
+        room = self.max_model_len - n
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens", param=param)
+        default_max = room if chat else min(16, room)
+        try:
+            params = req.to_sampling_params(default_max)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        if n + params.max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {self.max_model_len} tokens; you requested {n + params.max_tokens} "
+                f"({n} in the prompt, {params.max_tokens} in max_tokens): reduce the prompt or max_tokens",
+                param="max_tokens",
+            )
+        bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop:
+            raise APIError(400, f"stop_token_ids must be in [0, {self.vocab_size - 1}]; got {bad_stop}", param="stop_token_ids")
+        return RoutedRequest(uuid.uuid4().hex, prompt_ids, params, priority=req.priority, tenant=req.tenant)
+
+    # ---- streaming ---------------------------------------------------------------
+    async def chunks(self, rreq: RoutedRequest) -> AsyncIterator[dict[str, Any]]:
+        """The router's chunks with metrics recorded and the whole request bounded in time."""
+        self.registry.start()
+        tenant = rreq.tenant or "default"
+        m, mode = self.metrics, self.cfg.mode
+        deadline = rreq.arrival + self.cfg.routing.request_timeout_s
+        last = None
+        status = "error"
+        agen = self.router.stream(rreq).__aiter__()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(agen.__anext__(), max(0.001, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError as e:
+                    status = "timeout"
+                    raise RequestFailed(f"request exceeded {self.cfg.routing.request_timeout_s:.0f} s") from e
+                now = time.monotonic()
+                if chunk["new_token_ids"]:
+                    if last is None:
+                        m.ttft.labels(mode).observe(now - rreq.arrival)
+                    else:
+                        m.itl.labels(mode).observe((now - last) / len(chunk["new_token_ids"]))
+                    last = now
+                if chunk["finished"]:
+                    status = "ok" if chunk["finish_reason"] in ("stop", "length") else chunk["finish_reason"]
+                    m.prompt_tokens.labels(tenant).inc(chunk["num_prompt_tokens"])
+                    m.generation_tokens.labels(tenant).inc(chunk["num_output_tokens"])
+                    m.e2e.labels(mode).observe(now - rreq.arrival)
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        except NoWorkerAvailable:
+            status = "rejected"
+            raise
+        finally:
+            await agen.aclose()
+            m.requests.labels(status, tenant).inc()
+
+
+def _default_name(cfg: ServeConfig, model_path: str) -> str:
+    if cfg.engine.model is None:
+        from splitserve.engine.default_model import DEFAULT_SERVED_NAME
+
+        return DEFAULT_SERVED_NAME
+    return model_path.rstrip("/").split("/")[-1]
+
+
+def _error_for(e: BaseException) -> APIError:
+    if isinstance(e, PromptTooLarge):
+        return APIError(400, str(e), param="prompt")
+    if isinstance(e, NoWorkerAvailable):
+        retry = max(1, round(e.retry_after_s or 1))
+        return APIError(503, f"no worker can take the request now: {e}", "ServiceUnavailableError", headers={"Retry-After": str(retry)})
+    return APIError(500, str(e), "InternalServerError")
+
+
+def build_http_app(core: IngressCore) -> FastAPI:
+    cfg = core.cfg.http
+    app = FastAPI(title="splitserve", version="0.1.0")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if cfg.api_key and (path.startswith("/v1") or path.startswith("/admin")):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {cfg.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "AuthenticationError").response()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
+            return APIError(413, f"request body of {length} bytes exceeds the limit of {cfg.max_request_bytes} bytes").response()
+        return await call_next(request)
+
+    async def parse(request: Request, model: type) -> Any:
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > cfg.max_request_bytes:
+                raise APIError(413, f"request body exceeds the limit of {cfg.max_request_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"request body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            body = oai.validation_error_body(e)["error"]
+            raise APIError(400, body["message"], param=body["param"]) from e
+
+    async def serve_request(request: Request, chat: bool) -> Response:
+        try:
+            req = await parse(request, oai.ChatCompletionRequest if chat else oai.CompletionRequest)
+            core.check_model(req.model)
+            prompt_ids = core.tokenize_chat(req) if chat else core.tokenize_prompt(req)
+            rreq = core.routed(req, prompt_ids, chat)
+        except APIError as e:
+            return e.response()
+        model = req.model or core.served_name
+        created = int(time.time())
+        if req.stream:
+            return StreamingResponse(_sse(core, rreq, model, created, chat, req.include_usage), media_type="text/event-stream")
+        text, finish, n_out = [], None, 0
+        try:
+            async for chunk in core.chunks(rreq):
+                text.append(chunk["new_text"])
+                finish, n_out = chunk["finish_reason"], chunk["num_output_tokens"]
+        except (NoWorkerAvailable, RequestFailed) as e:
+            return _error_for(e).response()
+        build = oai.chat_completion_response if chat else oai.completion_response
+        return JSONResponse(build(rreq.req_id, model, "".join(text), finish, len(prompt_ids), n_out, created))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await serve_request(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve_request(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return oai.models_list(core.model_names)
+
+    @app.get("/health")
+    async def health() -> Response:
+        core.registry.start()
+        healthy = core.registry.healthy_ids()
+        decoders = [w for w in core.registry.decode if w in healthy]
+        prefills = [w for w in core.registry.prefill if w in healthy]
+        ok = bool(decoders) and (core.cfg.mode == "aggregated" or bool(prefills))
+        body = {"status": "ok" if ok else "unavailable", "healthy_decode": decoders, "healthy_prefill": prefills}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        core.metrics.update_workers(list(core.registry.reports.values()), core.registry.healthy_ids())
+        return Response(core.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/workers")
+    async def workers() -> dict:
+        healthy = core.registry.healthy_ids()
+        return {"workers": [{**rep, "healthy": wid in healthy} for wid, rep in sorted(core.registry.reports.items())]}
+
+    return app
+
+
+async def _sse(core: IngressCore, rreq: RoutedRequest, model: str, created: int, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    rid = rreq.req_id
+    n_prompt, n_out = len(rreq.prompt_token_ids), 0
+    if chat:
+        yield oai.sse_event(oai.chat_chunk(rid, model, "", role="assistant", created=created))
+    try:
+        async for chunk in core.chunks(rreq):
+            n_out = chunk["num_output_tokens"]
+            finish = chunk["finish_reason"] if chunk["finished"] else None
+            if finish not in (None, "stop", "length"):
+                raise RequestFailed(f"request ended: {finish}")
+            text = chunk["new_text"]
+            if not text and finish is None:
+                continue
+            if chat:
+                yield oai.sse_event(oai.chat_chunk(rid, model, text, finish_reason=finish, created=created))
+            else:
+                yield oai.sse_event(oai.completion_chunk(rid, model, text, finish_reason=finish, created=created))
+    except (NoWorkerAvailable, RequestFailed) as e:
+        err = _error_for(e)
+        yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
+        yield oai.sse_event("[DONE]")
+        return
+    if include_usage:
+        usage = oai.chat_usage_chunk if chat else oai.completion_usage_chunk
+        yield oai.sse_event(usage(rid, model, n_prompt, n_out, created=created))
+    yield oai.sse_event("[DONE]")

@@ -1,0 +1,51 @@
+"""Prometheus metrics of the ingress, in one ``splitserve_`` family.
+
+Request-level numbers (TTFT, inter-token latency, status, tokens per tenant, KV
+transfer bytes and seconds) are observed where requests pass; per-worker numbers
+(queue depth, KV blocks in use, requests served) are copied from the workers'
+load reports at scrape time, so imbalance between workers is visible. Each
+ingress owns a registry of its own (several apps may share a process in tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("splitserve_time_to_first_token_seconds", "Time to first token", ["mode"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("splitserve_inter_token_latency_seconds", "Time between streamed tokens", ["mode"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("splitserve_e2e_request_latency_seconds", "Whole request latency", ["mode"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("splitserve_requests", "Requests by final status", ["status", "tenant"], registry=r)
+        self.prompt_tokens = Counter("splitserve_prompt_tokens", "Prompt tokens", ["tenant"], registry=r)
+        self.generation_tokens = Counter("splitserve_generation_tokens", "Generated tokens", ["tenant"], registry=r)
+        self.routed = Counter("splitserve_requests_routed", "Requests sent to each worker", ["worker", "role"], registry=r)
+        self.retries = Counter("splitserve_request_retries", "Retried attempts by reason", ["reason"], registry=r)
+        self.transfer_bytes = Counter("splitserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
+        self.transfer_seconds = Histogram("splitserve_kv_transfer_seconds", "Duration of one KV transfer", buckets=LATENCY_BUCKETS, registry=r)
+        self.prefix_cached_tokens = Counter("splitserve_prefix_cache_hit_tokens", "Prompt tokens served from a prefix cache", registry=r)
+        self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting in a worker", ["role", "worker"], registry=r)
+        self.running = Gauge("splitserve_running_requests", "Sequences running in a worker", ["role", "worker"], registry=r)
+        self.kv_blocks_used = Gauge("splitserve_kv_blocks_used", "KV blocks referenced in a worker", ["worker"], registry=r)
+        self.kv_blocks_total = Gauge("splitserve_kv_blocks_total", "KV blocks in a worker's pool", ["worker"], registry=r)
+        self.worker_requests = Gauge("splitserve_worker_requests", "Requests a worker has received since it started", ["role", "worker"], registry=r)
+        self.worker_healthy = Gauge("splitserve_worker_healthy", "1 when the worker's last load report is fresh", ["role", "worker"], registry=r)
+
+    def update_workers(self, reports: list[dict[str, Any]], healthy: set[str]) -> None:
+        for rep in reports:
+            w, role = rep["worker_id"], rep["role"]
+            self.queue_depth.labels(role, w).set(rep["num_waiting"])
+            self.running.labels(role, w).set(rep["num_running"])
+            self.kv_blocks_used.labels(w).set(rep["num_total_blocks"] - rep["num_free_blocks"])
+            self.kv_blocks_total.labels(w).set(rep["num_total_blocks"])
+            self.worker_requests.labels(role, w).set(rep["num_requests"])
+            self.worker_healthy.labels(role, w).set(1.0 if w in healthy else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

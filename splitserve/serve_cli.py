@@ -1,0 +1,121 @@
+"""``splitserve serve``: start (or join) Ray, deploy the application, wait until it answers, serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.request
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server (disaggregated by default)")
+    p.add_argument("--config", default=None, help="splitserve YAML config (flags below override it)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded model)")
+    p.add_argument("--mode", choices=["disaggregated", "aggregated"], default=None)
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=None, help="decode (or aggregated) workers (default 1)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"), help="require this bearer token (env SPLITSERVE_API_KEY)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--worker-cpus", type=float, default=None, help="Ray CPU share per worker (default 1)")
+    p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (GPU clusters)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the workers")
+    p.set_defaults(func=run_serve)
+
+
+def config_from_args(args: argparse.Namespace):
+    from splitserve.config import ServeConfig
+
+    base = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    overrides = {
+        "engine.model": args.model, "mode": args.mode, "num_prefill": args.prefill, "num_decode": args.decode,
+        "http.host": args.host, "http.port": args.port, "http.api_key": args.api_key, "http.served_model_name": args.served_model_name,
+        "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
+        "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        "prefill_resources.num_cpus": args.worker_cpus, "decode_resources.num_cpus": args.worker_cpus,
+        "prefill_resources.num_gpus": args.worker_gpus, "decode_resources.num_gpus": args.worker_gpus,
+    }
+    if args.mode == "aggregated" and args.prefill is None:
+        overrides["num_prefill"] = 0
+    return base.with_overrides(overrides)
+
+
+def start_ray(cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    need = cfg.num_prefill_workers * cfg.prefill_resources.num_cpus + cfg.num_decode * cfg.decode_resources.num_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999) + 1), include_dashboard=False, log_to_driver=True)
+
+
+def deploy(cfg, ready_timeout_s: float = 600.0) -> str:
+    """Deploy ``cfg`` on the connected Ray cluster; returns the base URL once /health answers 200."""
+    from ray import serve
+
+    from splitserve.app import build_app
+    from splitserve.engine.llm_engine import resolve_model_path
+
+    from splitserve.engine.model_config import ModelConfig
+
+    # fail fast on a bad model path; build the default checkpoint here before the workers race for it
+    ModelConfig.from_pretrained(resolve_model_path(cfg.engine.model))
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    url = f"http://{host}:{cfg.http.port}"
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return url
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"splitserve did not become healthy within {ready_timeout_s:.0f} s (see the Ray logs)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    cfg = config_from_args(args)
+    if cfg.engine.model is not None:
+        from splitserve.engine.model_config import ModelConfig
+
+        ModelConfig.from_pretrained(cfg.engine.model)  # a clear error before Ray starts
+    start_ray(cfg)
+    url = deploy(cfg, args.ready_timeout)
+    workers = f"{cfg.num_prefill_workers} prefill + {cfg.num_decode} decode" if cfg.mode == "disaggregated" else f"{cfg.num_decode} aggregated"
+    print(f"splitserve ready at {url}/v1 ({cfg.mode}: {workers} workers); Ctrl-C to stop", flush=True)
+    stop = {"flag": False}
+
+    def _stop(*_: object) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["flag"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("shutting down", file=sys.stderr, flush=True)
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+    return 0
