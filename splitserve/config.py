@@ -46,7 +46,7 @@ class RoutingConfig(BaseModel):
     local_prefill_threshold_tokens: int = Field(0, ge=0, description="prompts this short are prefilled on the decode worker")
     max_prefill_queue_tokens: int | None = Field(None, ge=1, description="above this, prefill locally instead of queueing")
     max_attempts: int = Field(3, ge=1, description="tries per request across workers before failing it")
-    load_poll_interval_s: float = Field(0.1, gt=0)
+    load_poll_interval_s: float = Field(0.25, gt=0, description="how often the ingress asks each worker for its load")
     load_max_age_s: float = Field(5.0, gt=0, description="a worker whose load report is older is treated as unhealthy")
     prefill_timeout_s: float = Field(120.0, gt=0, description="queueing + prefill + transfer of one request")
     request_timeout_s: float = Field(600.0, gt=0, description="a whole request, end to end")

@@ -223,16 +223,24 @@ def build_http_app(core: IngressCore) -> FastAPI:
         model = req.model or core.served_name
         created = int(time.time())
         if req.stream:
-            return StreamingResponse(_sse(core, rreq, model, created, chat, req.include_usage), media_type="text/event-stream")
-        text, finish, n_out = [], None, 0
+            stream = _sse(core, rreq, model, created, chat, req.include_usage, req.return_token_ids)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        text, token_ids, finish, n_out = [], [], None, 0
         try:
             async for chunk in core.chunks(rreq):
                 text.append(chunk["new_text"])
+                token_ids += chunk["new_token_ids"]
                 finish, n_out = chunk["finish_reason"], chunk["num_output_tokens"]
         except (NoWorkerAvailable, RequestFailed) as e:
             return _error_for(e).response()
+        if finish not in ("stop", "length"):
+            return APIError(500, f"request ended: {finish}", "InternalServerError").response()
         build = oai.chat_completion_response if chat else oai.completion_response
-        return JSONResponse(build(rreq.req_id, model, "".join(text), finish, len(prompt_ids), n_out, created))
+        body = build(rreq.req_id, model, "".join(text), finish, len(prompt_ids), n_out, created)
+        if req.return_token_ids:
+            body["choices"][0]["token_ids"] = token_ids
+            body["prompt_token_ids"] = prompt_ids
+        return JSONResponse(body)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -269,7 +277,9 @@ def build_http_app(core: IngressCore) -> FastAPI:
     return app
 
 
-async def _sse(core: IngressCore, rreq: RoutedRequest, model: str, created: int, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(
+    core: IngressCore, rreq: RoutedRequest, model: str, created: int, chat: bool, include_usage: bool, return_token_ids: bool
+) -> AsyncIterator[bytes]:
     rid = rreq.req_id
     n_prompt, n_out = len(rreq.prompt_token_ids), 0
     if chat:
@@ -281,12 +291,15 @@ async def _sse(core: IngressCore, rreq: RoutedRequest, model: str, created: int,
             if finish not in (None, "stop", "length"):
                 raise RequestFailed(f"request ended: {finish}")
             text = chunk["new_text"]
-            if not text and finish is None:
+            if not text and finish is None and not (return_token_ids and chunk["new_token_ids"]):
                 continue
             if chat:
-                yield oai.sse_event(oai.chat_chunk(rid, model, text, finish_reason=finish, created=created))
+                event = oai.chat_chunk(rid, model, text, finish_reason=finish, created=created)
             else:
-                yield oai.sse_event(oai.completion_chunk(rid, model, text, finish_reason=finish, created=created))
+                event = oai.completion_chunk(rid, model, text, finish_reason=finish, created=created)
+            if return_token_ids:
+                event["choices"][0]["token_ids"] = chunk["new_token_ids"]
+            yield oai.sse_event(event)
     except (NoWorkerAvailable, RequestFailed) as e:
         err = _error_for(e)
         yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))

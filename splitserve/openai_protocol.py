@@ -85,6 +85,7 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # vLLM extension: each choice also carries its token ids
     # splitserve extensions
     priority: int = 0
     tenant: str | None = None
