@@ -60,7 +60,7 @@ def start_ray(cfg) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     need = cfg.num_prefill_workers * cfg.prefill_resources.num_cpus + cfg.num_decode * cfg.decode_resources.num_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999) + 1), include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999) + 1), include_dashboard=False, log_to_driver=True)
 
 
 def deploy(cfg, ready_timeout_s: float = 600.0) -> str:

@@ -22,6 +22,11 @@ APPS = {
         faults=dict(fail_fraction=0.3, delay_fraction=0.2, delay_s=3.0, seed=7),
         routing=dict(max_attempts=4, prefill_timeout_s=20.0),
     ),
+    # every transfer takes 4 s, so a test can kill the prefill replica mid-request
+    "slowxfer": dict(
+        mode="disaggregated", num_prefill=2, num_decode=1, transfer_timeout_s=30.0,
+        faults=dict(delay_fraction=1.0, delay_s=4.0), routing=dict(max_attempts=3, prefill_timeout_s=30.0),
+    ),
 }
 
 
@@ -37,7 +42,8 @@ def serve_port():
     from ray import serve
 
     port = _free_port()
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": never attach to a cluster some other test or user started with `ray start`
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
     serve.shutdown()
