@@ -61,7 +61,7 @@ class BatchScheduler:
     # ---- queue management -------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        if seq.priority == 0 or not self.waiting:
+        if not self.waiting or self.waiting[-1].priority >= seq.priority:
             self.waiting.append(seq)
             return
         # higher priority first, FCFS within a priority
@@ -149,12 +149,16 @@ class BatchScheduler:
 
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_ids:
+            looked_up = not seq.block_ids
+            if looked_up:
                 self._admit_prefix(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
             need = self._blocks_needed(seq, num_new)
             if not self.pool.can_allocate(need):
-                break  # wait for blocks; head-of-line keeps its prefix references
+                if looked_up:  # wait holding no prefix references: they could starve a sequence preempted in front of it
+                    self.pool.free(seq.block_ids)
+                    seq.block_ids, seq.block_hashes, seq.num_computed_tokens = [], [], 0
+                break  # wait for blocks
             self.waiting.popleft()
             seq.block_ids.extend(self.pool.allocate(need))
             seq.status = SequenceStatus.RUNNING

@@ -23,7 +23,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torc
     remove = ranks >= k
     probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
     cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    remove |= cum_before >= top_ps.unsqueeze(1)
+    remove |= (cum_before >= top_ps.unsqueeze(1)) & (top_ps < 1.0).unsqueeze(1)  # top_p == 1 is off: float32 cumsum can reach 1 early
     remove[:, 0] = False  # always keep the most likely token
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
