@@ -15,6 +15,7 @@ deployment (``splitserve.app``) wraps the same app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -123,32 +124,30 @@ class IngressCore:
         self.registry.start()
         tenant = rreq.tenant or "default"
         m, mode = self.metrics, self.cfg.mode
-        deadline = rreq.arrival + self.cfg.routing.request_timeout_s
+        limit_s = self.cfg.routing.request_timeout_s
         last = None
         status = "error"
-        agen = self.router.stream(rreq).__aiter__()
         try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(agen.__anext__(), max(0.001, deadline - time.monotonic()))
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError as e:
-                    status = "timeout"
-                    raise RequestFailed(f"request exceeded {self.cfg.routing.request_timeout_s:.0f} s") from e
-                now = time.monotonic()
-                if chunk["new_token_ids"]:
-                    if last is None:
-                        m.ttft.labels(mode).observe(now - rreq.arrival)
-                    else:
-                        m.itl.labels(mode).observe((now - last) / len(chunk["new_token_ids"]))
-                    last = now
-                if chunk["finished"]:
-                    status = "ok" if chunk["finish_reason"] in ("stop", "length") else chunk["finish_reason"]
-                    m.prompt_tokens.labels(tenant).inc(chunk["num_prompt_tokens"])
-                    m.generation_tokens.labels(tenant).inc(chunk["num_output_tokens"])
-                    m.e2e.labels(mode).observe(now - rreq.arrival)
-                yield chunk
+            # asyncio.timeout cancels this task at the deadline: no helper task races the stream's own cleanup
+            async with asyncio.timeout(max(0.0, limit_s - (time.monotonic() - rreq.arrival))):
+                async with contextlib.aclosing(self.router.stream(rreq)) as stream:
+                    async for chunk in stream:
+                        now = time.monotonic()
+                        if chunk["new_token_ids"]:
+                            if last is None:
+                                m.ttft.labels(mode).observe(now - rreq.arrival)
+                            else:
+                                m.itl.labels(mode).observe((now - last) / len(chunk["new_token_ids"]))
+                            last = now
+                        if chunk["finished"]:
+                            status = "ok" if chunk["finish_reason"] in ("stop", "length") else chunk["finish_reason"]
+                            m.prompt_tokens.labels(tenant).inc(chunk["num_prompt_tokens"])
+                            m.generation_tokens.labels(tenant).inc(chunk["num_output_tokens"])
+                            m.e2e.labels(mode).observe(now - rreq.arrival)
+                        yield chunk
+        except TimeoutError as e:
+            status = "timeout"
+            raise RequestFailed(f"request exceeded {limit_s:.0f} s") from e
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
@@ -156,7 +155,6 @@ class IngressCore:
             status = "rejected"
             raise
         finally:
-            await agen.aclose()
             m.requests.labels(status, tenant).inc()
 
 

@@ -9,7 +9,11 @@ stream ``generate`` from one worker.
 Failures never hang and never leak: every remote call is bounded by a timeout;
 a failed prefill or transfer releases D's reservation and the request is retried
 on another pair (the failed worker excluded) up to ``max_attempts``, and the last
-attempt prefills on the decode worker itself. A decode worker that fails before
+attempt prefills on the decode worker itself. When the decode workers refuse for
+lack of room (``WorkerBusy``) until none is left, the request ends with
+``NoWorkerAvailable`` (back-pressure, HTTP 503), not a failure. A reservation
+whose answer never came (timeout, cancellation) is released all the same, since
+D may still make it after the caller stopped waiting. A decode worker that fails before
 the first token is retried elsewhere; after tokens were streamed the error ends
 the stream. A consumer that stops early (client gone) cancels the remote stream
 and aborts the request on D, which frees its blocks.
@@ -18,6 +22,7 @@ and aborts the request on D, which frees its blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -75,15 +80,18 @@ class Router:
             force_local = attempt == self.max_attempts and attempt > 1
             try:
                 decision = self._pick(req, exclude, force_local)
-            except NoWorkerAvailable:
+            except NoWorkerAvailable as e:
                 if last_error is None:
                     raise
+                if isinstance(last_error, WorkerBusy):  # the decode workers left are full: back-pressure (503), not a failure
+                    raise NoWorkerAvailable(f"{e}; last refusal: {last_error}", retry_after_s=e.retry_after_s) from last_error
                 raise RequestFailed(f"request {req.req_id} failed after {attempt - 1} attempt(s): {last_error}") from last_error
             yielded = False
             try:
-                async for chunk in self._attempt(req, decision):
-                    yielded = True
-                    yield chunk
+                async with contextlib.aclosing(self._attempt(req, decision)) as chunks:
+                    async for chunk in chunks:
+                        yielded = True
+                        yield chunk
                 return
             except (asyncio.CancelledError, GeneratorExit):
                 raise
@@ -99,6 +107,8 @@ class Router:
                 exclude.add(decision.decode_worker_id)
                 self.metrics.retries.labels("decode_failed").inc()
                 logger.warning("request %s attempt %d failed on decode %s: %r", req.req_id, attempt, decision.decode_worker_id, e)
+        if isinstance(last_error, WorkerBusy):
+            raise NoWorkerAvailable(f"request {req.req_id}: no decode worker had room: {last_error}") from last_error
         raise RequestFailed(f"request {req.req_id} failed after {self.max_attempts} attempts: {last_error}") from last_error
 
     async def _attempt(self, req: RoutedRequest, decision: PairDecision) -> AsyncIterator[dict[str, Any]]:
@@ -108,12 +118,19 @@ class Router:
         body = {"req_id": req.req_id, "prompt_token_ids": req.prompt_token_ids, "sampling": sampling, "priority": req.priority}
         if p_id is None:
             self.metrics.routed.labels(d_id, "local").inc()
-            async for chunk in self._remote_stream(d, "generate", body, d_id):
-                yield chunk
+            async with contextlib.aclosing(self._remote_stream(d, "generate", body, d_id)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             return
         try:
             dst = await asyncio.wait_for(_call(d.reserve, req.req_id, len(req.prompt_token_ids)), self.call_timeout_s)
-        except Exception as e:
+        except BaseException as e:
+            if not isinstance(e, (WorkerBusy, ValueError)):
+                # no answer (timeout, cancelled, worker error): D may still make the reservation after we
+                # stopped waiting, and nobody would claim it; the release is queued behind it and undoes it
+                await _release_quietly(d, req.req_id)
+            if not isinstance(e, Exception):
+                raise
             raise _RetryableError("decode_busy" if isinstance(e, WorkerBusy) else "reserve_failed", d_id, e) from e
         self.metrics.routed.labels(d_id, "decode").inc()
         self.metrics.routed.labels(p_id, "prefill").inc()
@@ -132,8 +149,9 @@ class Router:
         if result.get("num_cached_tokens"):
             self.metrics.prefix_cached_tokens.inc(result["num_cached_tokens"])
         body["first_token"] = result["first_token"]
-        async for chunk in self._remote_stream(d, "generate_prefilled", body, d_id):
-            yield chunk
+        async with contextlib.aclosing(self._remote_stream(d, "generate_prefilled", body, d_id)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _remote_stream(self, handle: Any, method: str, body: dict, worker_id: str) -> AsyncIterator[dict[str, Any]]:
         gen = getattr(handle.options(stream=True), method).remote(body)

@@ -1,0 +1,465 @@
+"""The router's failure paths over real in-process workers (no Ray): failures never hang, never leak.
+
+Transfers that fail or stall (``FaultInjectingAgent`` on a real NIXL agent), dead
+prefill replicas (``LocalHandle.kill``), decode workers that refuse a reservation,
+clients that go away mid-stream or mid-prefill, and malformed requests that get
+past the ingress. Each test checks the tokens against the offline ``LLM`` where
+the request should succeed, the retry metrics, and that afterwards every worker
+holds no KV block, reservation or NIXL request (``Stack.__aexit__`` / ``settle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+
+import pytest
+
+from splitserve.router import RequestFailed, RoutedRequest
+from splitserve.scheduler import NoWorkerAvailable, PromptTooLarge
+from tests.splitserve.conftest import (
+    Stack,
+    collect,
+    greedy,
+    make_decode,
+    make_prefill,
+    metric_value,
+    settle,
+    stop_workers,
+    worker_is_idle,
+)
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 16
+_rng = random.Random(99)
+PROMPTS = [[_rng.randrange(5, 4000) for _ in range(n)] for n in (9, 16, 33, 40)]
+# the router re-polls loads this rarely: the view it routes on stays as it was at start-up
+STALE_VIEW = {"routing": {"load_poll_interval_s": 30.0, "load_max_age_s": 120.0}}
+
+
+@pytest.fixture(scope="module")
+def shared(aio, tiny_model):
+    """Healthy workers shared by tests that do not change a worker (handles are per test)."""
+    made = {
+        "p0": make_prefill(tiny_model, "prefill-0"),
+        "p1": make_prefill(tiny_model, "prefill-1"),
+        "d": make_decode(tiny_model, "decode-0"),
+        "both": make_decode(tiny_model, "worker-0", role="both"),
+    }
+    yield made
+    aio.run(stop_workers(made.values()))
+
+
+@pytest.fixture
+def own(aio):
+    """Workers made for one test (faults, small pools); stopped after it."""
+    made = []
+    yield made
+    aio.run(stop_workers(made))
+
+
+def retries(s: Stack, reason: str) -> float:
+    return metric_value(s.metrics_text(), "splitserve_request_retries_total", reason=reason) or 0.0
+
+
+def routed(s: Stack, worker: str, role: str) -> float:
+    return metric_value(s.metrics_text(), "splitserve_requests_routed_total", worker=worker, role=role) or 0.0
+
+
+async def expect_reference(core, reference, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> None:
+    for prompt in prompts:
+        got, chunks = await collect(core, prompt, greedy(max_tokens))
+        assert got == reference.tokens(prompt, max_tokens), prompt
+        assert chunks[-1]["finished"] and chunks[-1]["finish_reason"] == "length"
+
+
+# ---- transfers that fail or time out -------------------------------------------------------------
+
+
+def test_failing_prefill_worker_is_retried_on_the_other(aio, shared, own, tiny_model, reference):
+    """2P1D, every transfer of one P fails: requests finish on the other P with the right tokens."""
+    bad = make_prefill(tiny_model, "prefill-0-fail", fail_fraction=1.0)  # sorts before prefill-1: picked first on ties
+    own.append(bad)
+    good, d = shared["p1"], shared["d"]
+    good_before = good.num_requests
+
+    async def body():
+        async with Stack(tiny_model, [bad, good], [d]) as s:
+            await expect_reference(s.core, reference)
+            # and a concurrent burst
+            outs = await asyncio.gather(*(collect(s.core, p, greedy(MAX_TOKENS)) for p in PROMPTS))
+            for p, (got, _) in zip(PROMPTS, outs):
+                assert got == reference.tokens(p, MAX_TOKENS)
+            failures = bad.agent.num_injected_failures
+            assert failures >= 1, "the failing prefill worker was never tried"
+            assert bad.num_failed == failures
+            assert retries(s, "prefill_failed") == failures
+            # every request was prefilled remotely on the healthy P, none fell back to local prefill
+            assert good.num_requests - good_before == 2 * len(PROMPTS)
+            assert routed(s, "prefill-1", "prefill") == 2 * len(PROMPTS)
+            assert routed(s, "decode-0", "local") == 0
+        await settle([bad, good, d])
+
+    aio.run(body())
+
+
+def test_all_transfers_failing_fall_back_to_local_prefill_on_decode(aio, shared, own, tiny_model, reference):
+    """1P1D, every transfer fails: the retry excludes P, so D prefills locally; with one attempt: a clear error."""
+    bad = make_prefill(tiny_model, "prefill-0-allfail", fail_fraction=1.0)
+    own.append(bad)
+    d = shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [bad], [d]) as s:  # max_attempts=3 (the default)
+            await expect_reference(s.core, reference)
+            n = len(PROMPTS)
+            assert bad.agent.num_injected_failures == n
+            assert retries(s, "prefill_failed") == n
+            assert routed(s, "decode-0", "local") == n  # second attempt: no prefill worker left -> local
+            assert routed(s, "decode-0", "decode") == n  # first attempt reserved on D, then released
+
+        async with Stack(tiny_model, [bad], [d], routing={"max_attempts": 1}) as s, s.client() as c:
+            with pytest.raises(RequestFailed, match="injected failure"):
+                await collect(s.core, PROMPTS[0], greedy(MAX_TOKENS))
+            await settle([bad, d])
+            r = await c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
+            assert r.status_code == 500, r.text
+            err = r.json()["error"]
+            assert err["type"] == "InternalServerError" and "failed after 1 attempt" in err["message"]
+            assert "injected failure" in err["message"]
+            # streamed: an error event, then [DONE]
+            r = await c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "stream": True})
+            assert r.status_code == 200
+            assert r.text.endswith("data: [DONE]\n\n") and '"error"' in r.text and "injected failure" in r.text
+        await settle([bad, d])
+
+    aio.run(body())
+
+
+def test_transfer_timeout_is_bounded_and_falls_back(aio, shared, own, tiny_model, reference):
+    """A transfer held back 2 s with a 0.5 s timeout: cancelled, D's blocks freed, request served locally."""
+    slow = make_prefill(tiny_model, "prefill-0-slow", delay_fraction=1.0, delay_s=2.0, transfer_timeout_s=0.5)
+    own.append(slow)
+    d = shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [slow], [d]) as s:
+            t0 = time.monotonic()
+            await expect_reference(s.core, reference, PROMPTS[:2])
+            elapsed = time.monotonic() - t0
+            assert elapsed < 10, f"took {elapsed:.1f} s"
+            assert slow.agent.num_injected_delays == 2
+            assert retries(s, "prefill_failed") == 2
+            assert routed(s, "decode-0", "local") == 2
+            assert slow.transfer_bytes == 0  # nothing was ever reported as moved
+        # the held-back writes were cancelled: past their post time nothing lands or lingers
+        await asyncio.sleep(2.2)
+        assert not slow.agent._held
+        assert [m for peer, m in d.agent.get_notifications() if peer == "prefill-0-slow"] == []
+        await settle([slow, d])
+
+    aio.run(body())
+
+
+def test_slow_transfer_within_timeout_is_not_retried(aio, shared, own, tiny_model, reference):
+    slow = make_prefill(tiny_model, "prefill-0-lag", delay_fraction=1.0, delay_s=0.3, transfer_timeout_s=5.0)
+    own.append(slow)
+    d = shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [slow], [d]) as s:
+            await expect_reference(s.core, reference, PROMPTS[:2])
+            assert retries(s, "prefill_failed") == 0
+            assert routed(s, "decode-0", "local") == 0
+            assert slow.transfer_seconds >= 2 * 0.3
+            assert metric_value(s.metrics_text(), "splitserve_kv_transfer_seconds_count") == 2
+
+    aio.run(body())
+
+
+# ---- dead prefill replicas ------------------------------------------------------------------------
+
+
+def test_killed_prefill_handle_routes_around_it(aio, shared, tiny_model, reference):
+    p0, p1, d = shared["p0"], shared["p1"], shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [p0, p1], [d]) as s, s.client() as c:
+            await expect_reference(s.core, reference, PROMPTS[:1])
+            s.handles["prefill-0"].kill()
+            p0_before, p1_before = p0.num_requests, p1.num_requests
+            await expect_reference(s.core, reference)
+            assert p0.num_requests == p0_before  # nothing reached the dead replica
+            assert p1.num_requests - p1_before == len(PROMPTS)
+            # the registry's polls fail -> unhealthy
+            deadline = time.monotonic() + 5
+            while "prefill-0" in s.core.registry.healthy_ids() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert "prefill-0" not in s.core.registry.healthy_ids()
+            assert {"prefill-1", "decode-0"} <= s.core.registry.healthy_ids()
+            health = (await c.get("/health")).json()
+            assert health["healthy_prefill"] == ["prefill-1"] and health["healthy_decode"] == ["decode-0"]
+            assert metric_value(s.metrics_text(), "splitserve_worker_healthy", role="prefill", worker="prefill-0") == 0
+
+            # both prefill replicas dead: the decode worker prefills locally
+            s.handles["prefill-1"].kill()
+            local_before = routed(s, "decode-0", "local")
+            await expect_reference(s.core, reference, PROMPTS[:2])
+            assert routed(s, "decode-0", "local") - local_before == 2
+            assert p1.num_requests - p1_before == len(PROMPTS)
+
+    aio.run(body())
+
+
+# ---- decode back-pressure ---------------------------------------------------------------------------
+
+
+def test_decode_worker_that_cannot_reserve_moves_to_the_other(aio, shared, own, tiny_model, reference):
+    """The view says decode-0 is emptiest, but its pool is in fact full: WorkerBusy -> decode-1."""
+    small = make_decode(tiny_model, "decode-1", num_kv_blocks=16)
+    own.append(small)
+    p, d = shared["p1"], shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [p], [d, small], **STALE_VIEW) as s:
+            # fill decode-0 behind the router's back (its view was taken at start-up)
+            hog = await d.reserve("hog", d.engine.max_model_len - 1)
+            assert d.engine.pool.num_free_blocks == 0 and len(hog) == d.engine.pool.num_blocks
+            try:
+                await expect_reference(s.core, reference, PROMPTS[:2])
+                assert retries(s, "decode_busy") == 2
+                assert routed(s, "decode-1", "decode") == 2
+                assert small.num_requests == 2
+            finally:
+                await d.release("hog")
+
+    aio.run(body())
+
+
+def test_single_full_decode_worker_answers_503_with_retry_after(aio, shared, own, tiny_model):
+    small = make_decode(tiny_model, "decode-small", num_kv_blocks=8)
+    own.append(small)
+    p = shared["p1"]
+    req = {"prompt": PROMPTS[2], "max_tokens": 4}
+
+    async def body():
+        # the view knows D is full (fresh polls): rejected before any call to a worker
+        async with Stack(tiny_model, [p], [small]) as s, s.client() as c:
+            await small.reserve("hog", 8 * 16 - 1)
+            try:
+                deadline = time.monotonic() + 5
+                while s.core.registry.reports["decode-small"]["num_free_blocks"] != 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                before = small.num_requests
+                r = await c.post("/v1/completions", json=req)
+                assert r.status_code == 503, r.text
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["type"] == "ServiceUnavailableError"
+                r = await c.post("/v1/completions", json={**req, "stream": True})
+                assert '"code":503' in r.text and r.text.endswith("data: [DONE]\n\n")
+                assert small.num_requests == before
+                assert metric_value(s.metrics_text(), "splitserve_requests_total", status="rejected", tenant="default") == 2
+            finally:
+                await small.release("hog")
+
+        # the view is stale (D looked empty), D refuses the reservation: still back-pressure, not a 500
+        async with Stack(tiny_model, [p], [small], **STALE_VIEW) as s, s.client() as c:
+            await small.reserve("hog", 8 * 16 - 1)
+            try:
+                r = await c.post("/v1/completions", json=req)
+                assert r.status_code == 503, r.text
+                assert int(r.headers["retry-after"]) >= 1
+                assert "no room" in r.json()["error"]["message"]
+                assert retries(s, "decode_busy") == 1
+            finally:
+                await small.release("hog")
+
+        # the same with a single attempt allowed (the refusal ends the loop rather than the next pick)
+        async with Stack(tiny_model, [p], [small], routing={**STALE_VIEW["routing"], "max_attempts": 1}) as s, s.client() as c:
+            await small.reserve("hog", 8 * 16 - 1)
+            try:
+                r = await c.post("/v1/completions", json=req)
+                assert r.status_code == 503, r.text
+                assert "no room" in r.json()["error"]["message"]
+            finally:
+                await small.release("hog")
+
+        # a prompt larger than the whole pool: never retryable -> 400
+        async with Stack(tiny_model, [p], [small]) as s, s.client() as c:
+            r = await c.post("/v1/completions", json={"prompt": list(range(5, 205)), "max_tokens": 4})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "prompt" and "shorten the prompt" in r.json()["error"]["message"]
+
+    aio.run(body())
+
+
+# ---- clients that go away -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
+def test_client_disconnect_mid_stream_aborts_and_frees_blocks(aio, shared, tiny_model, mode):
+    p, d = shared["p1"], shared["d" if mode == "disaggregated" else "both"]
+    prefill = [p] if mode == "disaggregated" else []
+
+    aborted = []
+    real_abort = d.abort
+
+    async def spy_abort(req_id):
+        aborted.append(req_id)
+        return await real_abort(req_id)
+
+    async def body():
+        async with Stack(tiny_model, prefill, [d]) as s:
+            rreq = RoutedRequest(uuid.uuid4().hex, PROMPTS[3], greedy(2000))
+            agen = s.core.router.stream(rreq)
+            chunks = [await agen.__anext__(), await agen.__anext__()]
+            assert all(c["new_token_ids"] and not c["finished"] for c in chunks)
+            assert d.engine.has_unfinished_requests()
+            steps = d.aengine.num_steps
+            await agen.aclose()
+            t0 = time.monotonic()
+            while not (worker_is_idle(d) and aborted) and time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.01)
+            assert worker_is_idle(d), "the abandoned request still holds blocks"
+            # aborted, not run to its 2000 tokens
+            assert d.aengine.num_steps - steps < 200
+            assert rreq.req_id not in d.engine._seqs
+            # the router itself told the decode worker (with Ray, nothing else would)
+            assert aborted == [rreq.req_id]
+
+    d.abort = spy_abort  # the handle calls the worker's attribute: this instance's spy
+    try:
+        aio.run(body())
+    finally:
+        del d.abort
+
+
+def test_client_disconnect_during_prefill_releases_everything(aio, shared, own, tiny_model, reference):
+    """Cancelled while P's transfer is still held back: P's blocks and D's reservation are freed, no late write."""
+    slow = make_prefill(tiny_model, "prefill-0-stall", delay_fraction=1.0, delay_s=1.0, transfer_timeout_s=10.0)
+    own.append(slow)
+    d = shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [slow], [d]) as s:
+            rreq = RoutedRequest(uuid.uuid4().hex, PROMPTS[3], greedy(MAX_TOKENS))
+
+            async def consume():
+                return [c async for c in s.core.chunks(rreq)]
+
+            task = asyncio.create_task(consume())
+            deadline = time.monotonic() + 5
+            while not slow.agent._held and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert slow.agent._held, "the transfer never started"
+            assert d.engine.num_blocks_in_flight() > 0  # D holds the reservation
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await settle([slow, d], timeout_s=5)
+            assert metric_value(s.metrics_text(), "splitserve_requests_total", status="cancelled", tenant="default") == 1
+            await asyncio.sleep(1.2)  # past the held write's post time: it was cancelled, it must not land
+            assert not slow.agent._held and not d._arrived
+            assert [m for peer, m in d.agent.get_notifications() if peer == "prefill-0-stall"] == []
+            await settle([slow, d])
+            # and the pair still works
+            got, _ = await collect(s.core, PROMPTS[0], greedy(4))
+            assert got == reference.tokens(PROMPTS[0], 4)
+
+    aio.run(body())
+
+
+def test_client_gone_while_the_decode_worker_reserves_leaks_nothing(aio, shared, tiny_model, reference):
+    """Cancelled while D's reservation is queued behind a long engine step: the late reservation is undone."""
+    p, d = shared["p1"], shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [p], [d]) as s:
+            busy = asyncio.ensure_future(d.aengine.call(lambda: time.sleep(0.5)))  # a long step on D's engine thread
+            while not d.aengine._ops:  # it has been taken by the engine thread once the op list is empty again
+                await asyncio.sleep(0)
+            while d.aengine._ops:
+                await asyncio.sleep(0.005)
+            rreq = RoutedRequest(uuid.uuid4().hex, PROMPTS[3], greedy(MAX_TOKENS))
+            task = asyncio.create_task(collect(s.core, rreq.prompt_token_ids, rreq.params, rreq.req_id))
+            deadline = time.monotonic() + 5
+            while not d.aengine._ops and time.monotonic() < deadline:  # the reserve call is queued
+                await asyncio.sleep(0.002)
+            assert d.aengine._ops and not busy.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await busy
+            await settle([p, d])
+            got, _ = await collect(s.core, PROMPTS[0], greedy(4))
+            assert got == reference.tokens(PROMPTS[0], 4)
+
+    aio.run(body())
+
+
+def test_request_timeout_ends_the_request_and_frees_blocks(aio, shared, tiny_model):
+    p, d = shared["p1"], shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [p], [d], routing={"request_timeout_s": 1.0}) as s, s.client() as c:
+            steps = d.aengine.num_steps
+            t0 = time.monotonic()
+            r = await c.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 4000, "ignore_eos": True})
+            assert time.monotonic() - t0 < 5
+            assert r.status_code == 500 and "exceeded" in r.json()["error"]["message"], r.text
+            await settle([p, d])
+            assert d.aengine.num_steps - steps < 3000
+            assert metric_value(s.metrics_text(), "splitserve_requests_total", status="timeout", tenant="default") == 1
+
+    aio.run(body())
+
+
+# ---- malformed requests that get past the ingress --------------------------------------------------
+
+
+def _bad_params():
+    params = greedy(4)
+    params.temperature = -1.0  # bypasses SamplingParams' own validation; the workers re-validate
+    return params
+
+
+BAD_ROUTED = {
+    # prompt, params, the error, words its message must hold
+    "token_outside_vocab": ([1, 5000, 2], lambda: greedy(4), RequestFailed, "vocabulary"),
+    "bad_sampling_params": ([1, 2, 3, 4], _bad_params, RequestFailed, "temperature"),
+    "prompt_fills_the_context": ([7] * 4096, lambda: greedy(4), PromptTooLarge, "4096 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROUTED))
+def test_bad_request_reaching_the_router_never_leaks(aio, shared, tiny_model, reference, case):
+    prompt, params, error, words = BAD_ROUTED[case]
+    p, d = shared["p1"], shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [p], [d]) as s:
+            with pytest.raises(error, match=words):
+                await collect(s.core, prompt, params())
+            await settle([p, d])
+            got, _ = await collect(s.core, PROMPTS[0], greedy(4))
+            assert got == reference.tokens(PROMPTS[0], 4)
+
+    aio.run(body())
+
+
+def test_no_decode_worker_at_all_is_back_pressure(aio, shared, tiny_model):
+    p, d = shared["p1"], shared["d"]
+
+    async def body():
+        async with Stack(tiny_model, [p], [d]) as s:
+            s.handles["decode-0"].kill()
+            deadline = time.monotonic() + 5
+            while "decode-0" in s.core.registry.healthy_ids() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            with pytest.raises(NoWorkerAvailable):
+                await collect(s.core, PROMPTS[0], greedy(4))
+
+    aio.run(body())
