@@ -79,7 +79,7 @@ def stop_server(system: str, proc: subprocess.Popen | None, port: int) -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
     else:
         subprocess.run(["bash", "-c", f"kill $(lsof -t -i :{port} -sTCP:LISTEN) 2>/dev/null || fuser -k {port}/tcp"], capture_output=True)
     time.sleep(3)

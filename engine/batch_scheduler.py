@@ -2,7 +2,7 @@
 
 Pure logic over ``Sequence`` records and a ``BlockPool`` (no tensors, no I/O).
 Each step: running sequences first (decodes take one token; unfinished prefills
-take a chunk), then waiting sequences are admitted in (priority, arrival) order
+take a chunk), then waiting sequences are admitted in (priority, arrival) order (lower priority value first, as in vLLM)
 while the token budget, the sequence cap and the free blocks allow. A prompt
 longer than the budget is prefilled in chunks over several steps. When a running
 sequence needs a block and none is free, the most recently arrived running
@@ -61,12 +61,12 @@ class BatchScheduler:
     # ---- queue management -------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        if not self.waiting or self.waiting[-1].priority >= seq.priority:
+        if not self.waiting or self.waiting[-1].priority <= seq.priority:
             self.waiting.append(seq)
             return
-        # higher priority first, FCFS within a priority
+        # as in vLLM: a lower priority value is served first; FCFS within a priority
         for i, other in enumerate(self.waiting):
-            if other.priority < seq.priority:
+            if other.priority > seq.priority:
                 self.waiting.insert(i, seq)
                 return
         self.waiting.append(seq)

@@ -15,7 +15,7 @@ if (_root / "pyproject.toml").is_file() and (_root / "engine").is_dir():
 
 from splitserve.engine.sampling_params import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "Client", "AsyncClient", "__version__"]
 __version__ = "0.1.0"
 
 
@@ -29,4 +29,8 @@ def __getattr__(name: str):
         from splitserve.engine.outputs import RequestOutput
 
         return RequestOutput
+    if name in ("Client", "AsyncClient"):
+        from splitserve import client
+
+        return getattr(client, name)
     raise AttributeError(name)

@@ -216,8 +216,13 @@ def build_http_app(core: IngressCore) -> FastAPI:
             core.check_model(req.model)
             prompt_ids = core.tokenize_chat(req) if chat else core.tokenize_prompt(req)
             rreq = core.routed(req, prompt_ids, chat)
+            core.registry.start()
+            core.router.check_capacity(rreq)  # a full cluster is a 503 with Retry-After, also for streams
         except APIError as e:
             return e.response()
+        except NoWorkerAvailable as e:
+            core.metrics.requests.labels("rejected", req.tenant or "default").inc()
+            return _error_for(e).response()
         model = req.model or core.served_name
         created = int(time.time())
         if req.stream:

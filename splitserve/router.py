@@ -64,8 +64,16 @@ class Router:
         self.prefill_timeout_s = prefill_timeout_s
         self.call_timeout_s = call_timeout_s
 
+    @staticmethod
+    def _pair_request(req: RoutedRequest) -> PairRequest:
+        return PairRequest(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, priority=req.priority, tenant=req.tenant)
+
+    def check_capacity(self, req: RoutedRequest) -> None:
+        """Raise ``NoWorkerAvailable`` now if no worker could take ``req`` (lets HTTP answer 503 before streaming)."""
+        self.policy.pick(self._pair_request(req), self.registry.loads(), frozenset())
+
     def _pick(self, req: RoutedRequest, exclude: set[str], force_local: bool) -> PairDecision:
-        pair_req = PairRequest(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, priority=req.priority, tenant=req.tenant)
+        pair_req = self._pair_request(req)
         loads = self.registry.loads()
         if force_local:
             loads = [w for w in loads if w.worker_id not in self.registry.prefill]

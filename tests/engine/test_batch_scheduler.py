@@ -176,12 +176,12 @@ def test_priority_orders_the_waiting_queue():
     sched = make_scheduler(num_blocks=1)  # nothing fits: only the queue order is observed
     for name, prio in [("a", 0), ("b", 5), ("c", 1), ("d", 5), ("e", -1), ("f", 0), ("g", -1)]:
         sched.add(make_seq(name, 10, priority=prio))
-    assert [s.req_id for s in sched.waiting] == ["b", "d", "c", "a", "f", "e", "g"]
+    assert [s.req_id for s in sched.waiting] == ["e", "g", "a", "f", "c", "b", "d"]  # lower value first
 
 
 def test_admission_follows_priority():
     sched = make_scheduler(budget=8)
-    for name, prio in [("low", 0), ("high", 2), ("mid", 1)]:
+    for name, prio in [("low", 2), ("high", 0), ("mid", 1)]:
         sched.add(make_seq(name, 4, priority=prio))
     assert scheduled(run_step(sched)) == [("high", 4), ("mid", 4)]
 

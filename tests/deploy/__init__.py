@@ -1,0 +1,1 @@
+"""Deployment surfaces: the cluster launcher config, Ray job submission, Serve config files."""
