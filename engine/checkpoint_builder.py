@@ -14,8 +14,11 @@ the residual stream starts at RMS 1 (embeddings N(0, 1)), each block adds a
 contribution of RMS about ``_RESIDUAL_GAIN`` whatever the depth (pre-norm), the
 attention scores have a spread of a few units so the context matters, and the
 LM head gives logits with a standard deviation of about ``_LOGIT_STD``: the gap
-between the top two logits is then usually far above float32 (and often above
-bfloat16) rounding, while greedy text does not collapse into one repeated token.
+between the top two logits is then usually far above float32 rounding, while
+greedy text does not collapse into one repeated token and depends on the whole
+context. (bfloat16 rounding is relative, so no scale fixes it: bf16 greedy runs
+drift apart after some tens of tokens, as HF's own sdpa and eager paths do.)
+With tied embeddings the blocks are scaled up, see ``init_weights_``.
 The LM-head rows of special tokens and of padding ids past the tokenizer are
 shrunk, so greedy decoding practically never emits EOS: generations run to
 ``max_tokens``, which keeps benchmark lengths predictable.
@@ -35,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -73,9 +75,9 @@ _NORM_JITTER = 0.1  # RMSNorm weights ~ 1 + N(0, jitter)
 _QK_GAIN = 1.4  # q/k entries ~ N(0, gain^2): attention scores std ~ gain^2
 _RESIDUAL_GAIN = 0.7  # RMS each attention / MLP block adds to the residual
 _LOGIT_STD = 6.0
-_BIAS_STD = 0.5  # Qwen2 q/k/v biases
+_BIAS_STD = 0.2  # Qwen2 q/k/v biases: clearly non-zero, small enough not to dominate
 _SUPPRESSED_ROW_SCALE = 0.1  # LM-head rows of special / padding ids
-_TIED_GAIN = 1.25  # tied embeddings: residual blocks scaled up, see init_weights_
+_TIED_GAIN = 2.0  # tied embeddings: residual blocks scaled up, see init_weights_
 _SILU_GLU_RMS = 0.6  # RMS of silu(g) * u for g, u ~ N(0, 1), measured
 
 
@@ -259,6 +261,7 @@ def init_weights_(model: PreTrainedModel, *, seed: int, suppressed_token_ids: li
     logit_std = _LOGIT_STD
     tied = bool(getattr(config, "tie_word_embeddings", False))
     residual_gain = _RESIDUAL_GAIN
+    head_suffix = "embed_tokens.weight" if tied else "lm_head.weight"
     if tied:
         # The head is the embedding, so the residual's own e_x scores ~d against its
         # own row but ~sqrt(d) against the others: greedy would repeat the input
@@ -293,7 +296,7 @@ def init_weights_(model: PreTrainedModel, *, seed: int, suppressed_token_ids: li
                 if suffix not in stds:
                     raise ValueError(f"init_weights_: no init rule for parameter {name!r}")
                 value = noise * stds[suffix]
-                if suffix == "lm_head.weight" and suppressed_token_ids:
+                if suffix == head_suffix and suppressed_token_ids:
                     value[suppressed_token_ids] *= _SUPPRESSED_ROW_SCALE
             param.copy_(value.to(param.dtype))
 
@@ -337,7 +340,7 @@ def _model_class(architecture: str) -> type[PreTrainedModel]:
 def _generation_config(special_ids: dict[str, Any]) -> Any:
     from transformers import GenerationConfig
 
-    eos_ids = [special_ids["eos"]] + ([special_ids["im_end"]] if special_ids["im_end"] is not None else [])
+    eos_ids = [i for i in (special_ids["eos"], special_ids["im_end"]) if i is not None]
     return GenerationConfig(
         bos_token_id=special_ids["bos"],
         eos_token_id=eos_ids,

@@ -135,7 +135,7 @@ def default_model_path(size: str = DEFAULT_MODEL_SIZE) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=models_dir))
             try:
                 make_model(tmp, size, seed=0)
-                os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+                _make_readable(tmp)
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -164,6 +164,13 @@ def _remove_leftovers(models_dir: Path, final: Path) -> None:
         aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=models_dir))
         os.rename(final, aside / "damaged")
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def _make_readable(path: Path) -> None:
+    """mkdtemp makes the directory 0700 and transformers may write 0600 files."""
+    os.chmod(path, 0o755)
+    for child in path.iterdir():
+        os.chmod(child, 0o644)
 
 
 def _remove_checkpoint_files(out: Path) -> None:

@@ -199,7 +199,7 @@ def test_qwen2_has_nonzero_qkv_bias(tmp_path):
     with safe_open(path / "model.safetensors", "pt") as f:
         for name in ("q_proj", "k_proj", "v_proj"):
             bias = f.get_tensor(f"model.layers.0.self_attn.{name}.bias")
-            assert bias.abs().min() > 0 and bias.abs().mean() > 0.1
+            assert bias.abs().min() > 0 and bias.abs().mean() > 0.05
     model, tok = _load(path)
     assert model.config.model_type == "qwen2"
     assert len(set(_greedy(model, tok("Hello there")["input_ids"], 24))) > 12
