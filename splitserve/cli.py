@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser = None
     if add_serve_parser is not None:
         add_serve_parser(sub)
+    from splitserve.tune.cli import add_simulate_parser, add_tune_parser  # tune: measure splits; simulate: project
+    add_tune_parser(sub)
+    add_simulate_parser(sub)
     return parser
 
 
