@@ -57,10 +57,11 @@ class ModelRunner:
         for chunk in sched.chunks:
             seq = chunk.seq
             start = seq.num_computed_tokens
-            for pos in range(start, start + chunk.num_new_tokens):
-                input_ids.append(seq.token_ids[pos])
-                positions.append(pos)
-                slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
+            end = start + chunk.num_new_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            blocks = seq.block_ids
+            slots += [blocks[pos // bs] * bs + pos % bs for pos in range(start, end)]
             if chunk.samples:
                 logits_rows.append(len(input_ids) - 1)
         dev = self.device

@@ -1,8 +1,10 @@
 """Rotary position embeddings (rotate-half convention), with Llama 3 frequency scaling.
 
 The cos/sin table is precomputed once in float32 for every position the model can
-see; a step gathers the rows for its tokens' positions. The arithmetic matches
-Hugging Face's implementation so greedy outputs agree token for token.
+see; a step gathers the rows for its tokens' positions. The sin table's first half
+is stored negated, so rotating is ``x * cos + swap_halves(x) * sin`` with no
+negation pass; flipping a sign is exact, so the arithmetic still matches Hugging
+Face's bit for bit and greedy outputs agree token for token.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """cos/sin tables of shape [max_positions, head_dim] and their application to q and k."""
+    """cos and sign-folded sin tables of shape [max_positions, head_dim] (see ``apply_rotary``)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, device: torch.device, dtype: torch.dtype):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -38,7 +40,9 @@ class RotaryEmbedding:
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.int64).float(), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+        sin = emb.sin()
+        sin[:, : head_dim // 2].neg_()  # rotate-half's minus sign, folded into the table
+        self.sin = sin.to(device=device, dtype=dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin rows for ``positions`` shaped [T, 1, head_dim] to broadcast over heads."""
@@ -46,7 +50,7 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated by the given tables."""
+    """x [T, heads, head_dim] rotated by the given tables (``sin`` from ``RotaryEmbedding``: first half negated)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1).mul_(sin)
+    return torch.mul(x, cos).add_(swapped)

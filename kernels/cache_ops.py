@@ -5,6 +5,12 @@ num_kv_heads, head_dim]``: each block holds every layer's K and V for
 ``block_size`` consecutive tokens, so one block is one contiguous byte range
 (one NIXL descriptor covers a run of blocks). A token's *slot* is
 ``block_id * block_size + offset``.
+
+Reads gather K and V separately, each as one ``index_select`` of whole
+block rows (``block_size * num_kv_heads * head_dim`` contiguous elements) from a
+``[num_blocks, num_layers * 2, -1]`` view: a memcpy per block, about 4x faster
+on CPU than advanced indexing, straight into a contiguous tensor whose token
+dimension flattens as a view.
 """
 
 from __future__ import annotations
@@ -25,14 +31,21 @@ def write_kv(kv_cache: torch.Tensor, layer: int, key: torch.Tensor, value: torch
     kv_cache[block_ids, layer, 1, offsets] = value.to(kv_cache.dtype)
 
 
+def _gather_blocks(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
+    """K (``kv=0``) or V (``kv=1``) of ``layer`` for ``block_ids`` (any shape): [*block_ids.shape, block_size, kvh, d]."""
+    num_blocks, num_layers, _, block_size, kvh, d = kv_cache.shape
+    rows = kv_cache.view(num_blocks, num_layers * 2, block_size * kvh * d)[:, 2 * layer + kv]
+    return rows.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, block_size, kvh, d)
+
+
 def gather_kv(
     kv_cache: torch.Tensor, layer: int, block_table: torch.Tensor, num_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``num_tokens`` cached K and V of one sequence: two [num_tokens, num_kv_heads, head_dim]."""
-    blocks = kv_cache[block_table, layer]  # [n, 2, block_size, kvh, d]
-    n, _, block_size, kvh, d = blocks.shape
-    k = blocks[:, 0].reshape(n * block_size, kvh, d)[:num_tokens]
-    v = blocks[:, 1].reshape(n * block_size, kvh, d)[:num_tokens]
+    _, _, _, block_size, kvh, d = kv_cache.shape
+    n = block_table.shape[0]
+    k = _gather_blocks(kv_cache, layer, 0, block_table).view(n * block_size, kvh, d)[:num_tokens]
+    v = _gather_blocks(kv_cache, layer, 1, block_table).view(n * block_size, kvh, d)[:num_tokens]
     return k, v
 
 
@@ -40,8 +53,8 @@ def gather_kv_batched(
     kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V for a batch of padded block tables: two [batch, max_blocks*block_size, num_kv_heads, head_dim]."""
-    blocks = kv_cache[block_tables, layer]  # [b, m, 2, bs, kvh, d]
-    b, m, _, block_size, kvh, d = blocks.shape
-    k = blocks[:, :, 0].reshape(b, m * block_size, kvh, d)
-    v = blocks[:, :, 1].reshape(b, m * block_size, kvh, d)
+    _, _, _, block_size, kvh, d = kv_cache.shape
+    b, m = block_tables.shape
+    k = _gather_blocks(kv_cache, layer, 0, block_tables).view(b, m * block_size, kvh, d)
+    v = _gather_blocks(kv_cache, layer, 1, block_tables).view(b, m * block_size, kvh, d)
     return k, v

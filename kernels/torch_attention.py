@@ -5,6 +5,11 @@ causal mask (no cache read). Chunks that continue after cached tokens (chunked
 prefill, prefix-cache hits) gather their keys from the cache and use a shifted
 causal mask. Decodes are batched: gather each sequence's blocks into a padded
 tensor and mask by context length.
+
+Grouped-query heads are never expanded: prefill passes ``enable_gqa`` to SDPA,
+and a decode folds each KV head's group of query heads into the query-length
+axis (a decode has one query token, so the group's heads become ``group`` query
+rows that share that KV head, with no causal structure between them).
 """
 
 from __future__ import annotations
@@ -16,15 +21,6 @@ from splitserve.kernels.cache_ops import gather_kv, gather_kv_batched
 from splitserve.kernels.metadata import AttentionMetadata
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """q [B, H, Lq, D], k/v [B, KVH, Lk, D] -> [B, H, Lq, D] with grouped-query heads."""
-    if k.shape[1] != q.shape[1]:
-        group = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-
-
 def prefill_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: AttentionMetadata, scale: float, out: torch.Tensor
 ) -> None:
@@ -32,18 +28,15 @@ def prefill_attention(
         s, n = chunk.token_start, chunk.query_len
         qs = q[s : s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if chunk.context_len == n:
-            ks = k[s : s + n].transpose(0, 1).unsqueeze(0)
-            vs = v[s : s + n].transpose(0, 1).unsqueeze(0)
-            o = _sdpa(qs, ks, vs, scale, mask=None, is_causal=n > 1)
+            ks, vs, mask = k[s : s + n], v[s : s + n], None
         else:
-            kc, vc = gather_kv(kv_cache, layer, chunk.block_table, chunk.context_len)
-            ks = kc.transpose(0, 1).unsqueeze(0).to(q.dtype)
-            vs = vc.transpose(0, 1).unsqueeze(0).to(q.dtype)
+            ks, vs = gather_kv(kv_cache, layer, chunk.block_table, chunk.context_len)
             first = chunk.context_len - n
-            q_pos = torch.arange(first, first + n).unsqueeze(1)
-            k_pos = torch.arange(chunk.context_len).unsqueeze(0)
-            mask = (k_pos <= q_pos).to(q.device)
-            o = _sdpa(qs, ks, vs, scale, mask=mask, is_causal=False)
+            q_pos = torch.arange(first, first + n, device=q.device).unsqueeze(1)
+            mask = torch.arange(chunk.context_len, device=q.device).unsqueeze(0) <= q_pos
+        ks = ks.to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        vs = vs.to(q.dtype).transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None and n > 1, scale=scale, enable_gqa=True)
         out[s : s + n] = o[0].transpose(0, 1)
 
 
@@ -53,15 +46,19 @@ def decode_attention(
     nd = meta.num_decode_tokens
     if nd == 0:
         return
-    max_blocks = (meta.max_decode_context_len + meta.block_size - 1) // meta.block_size
-    tables = meta.decode_block_tables[:, :max_blocks]
-    kc, vc = gather_kv_batched(kv_cache, layer, tables)  # [B, L, KVH, D]
-    length = kc.shape[1]
-    positions = torch.arange(length, device=q.device).unsqueeze(0)
-    mask = (positions < meta.decode_context_lens.unsqueeze(1)).view(nd, 1, 1, length)
-    qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
-    o = _sdpa(qd, kc.transpose(1, 2).to(q.dtype), vc.transpose(1, 2).to(q.dtype), scale, mask=mask, is_causal=False)
-    out[:nd] = o.squeeze(2)
+    max_len = meta.max_decode_context_len
+    tables = meta.decode_block_tables[:, : -(-max_len // meta.block_size)]
+    k, v = gather_kv_batched(kv_cache, layer, tables)  # [B, L, KVH, D], L padded to whole blocks
+    if nd == 1:  # one sequence: cut at its length, no mask needed
+        k, v, mask = k[:, :max_len], v[:, :max_len], None
+    else:
+        valid = torch.arange(k.shape[1], device=q.device).unsqueeze(0) < meta.decode_context_lens.unsqueeze(1)
+        mask = valid.view(nd, 1, 1, -1)
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    qd = q[:nd].reshape(nd, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, KVH, group, D]
+    o = F.scaled_dot_product_attention(qd, k.to(q.dtype).transpose(1, 2), v.to(q.dtype).transpose(1, 2), attn_mask=mask, scale=scale)
+    out[:nd] = o.reshape(nd, num_heads, head_dim)
 
 
 def torch_attention(
