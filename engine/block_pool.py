@@ -54,6 +54,7 @@ class BlockPool:
         self._block_to_hash: dict[int, int] = {}
         self.num_prefix_hits = 0
         self.num_prefix_queries = 0
+        self.prefix_version = 0  # bumped whenever the set of cached hashes changes (for load reports)
 
     @property
     def num_free_blocks(self) -> int:
@@ -76,6 +77,7 @@ class BlockPool:
             old = self._block_to_hash.pop(block_id, None)
             if old is not None and self._hash_to_block.get(old) == block_id:
                 del self._hash_to_block[old]
+                self.prefix_version += 1
             self._ref_counts[block_id] = 1
             out.append(block_id)
         return out
@@ -125,10 +127,38 @@ class BlockPool:
             return
         self._hash_to_block[block_hash] = block_id
         self._block_to_hash[block_id] = block_hash
+        self.prefix_version += 1
 
     def cached_hashes(self) -> frozenset[int]:
         return frozenset(self._hash_to_block)
 
+    def hottest_hashes(self, limit: int) -> list[int]:
+        """Up to ``limit`` cached block hashes, most useful first, for a router's prefix summary.
+
+        Hashes of blocks in use come first (running requests share them), then
+        free cached blocks from the most recently freed, i.e. in the reverse of
+        eviction order. A router that sees only this many still finds the
+        prefixes most likely to be hit.
+        """
+        if limit <= 0:
+            return []
+        # C-level copies first: a load report may run beside the engine thread that mutates the pool,
+        # and each copy is taken under the GIL in one go (the summary may be a step stale, never broken)
+        block_to_hash = self._block_to_hash.copy()
+        free_order = list(self._free)
+        ref_counts = self._ref_counts
+        in_use = [h for b, h in block_to_hash.items() if ref_counts[b] > 0]
+        out = in_use[:limit]
+        if len(out) < limit:
+            for block_id in reversed(free_order):
+                h = block_to_hash.get(block_id)
+                if h is not None:
+                    out.append(h)
+                    if len(out) == limit:
+                        break
+        return out
+
     def reset_prefix_cache(self) -> None:
         self._hash_to_block.clear()
         self._block_to_hash.clear()
+        self.prefix_version += 1

@@ -41,6 +41,7 @@ class WorkerOptions:
     delay_fraction: float = 0.0
     delay_s: float = 0.0
     fault_seed: int = 0
+    prefix_report_max_blocks: int = 16384  # cap on the cached-block hashes a load report carries
 
 
 def output_chunk(out: RequestOutput) -> dict[str, Any]:
@@ -87,8 +88,25 @@ class EngineWorker:
         return [self.agent.add_peer(info) for info in infos]
 
     # ---- observability -----------------------------------------------------------
-    async def load(self) -> dict[str, Any]:
-        """A snapshot of queue depth and KV use (reads counters only: never waits for a step)."""
+    async def load(self, known_prefix_version: int | None = None) -> dict[str, Any]:
+        """A snapshot of queue depth and KV use (reads counters only: never waits for a step).
+
+        ``known_prefix_version``: the ``prefix_version`` of the last summary the
+        caller holds. When the cache changed since (or the caller holds none: -1),
+        the report carries ``prefix_hashes``, the hottest cached block hashes
+        (``BlockPool.hottest_hashes``) for prefix-aware routing; ``None`` never
+        sends them.
+        """
+        report = self._load_counters()
+        pool = self.engine.pool
+        if known_prefix_version is not None and pool.enable_prefix_caching:
+            version = pool.prefix_version
+            report["prefix_version"] = version
+            if version != known_prefix_version:
+                report["prefix_hashes"] = pool.hottest_hashes(self.options.prefix_report_max_blocks)
+        return report
+
+    def _load_counters(self) -> dict[str, Any]:
         e = self.engine
         sched = e.scheduler
         return {

@@ -11,6 +11,7 @@ from splitserve.scheduler.policy import (
     LeastLoadedPolicy,
     blocks_needed,
     cached_prefix_tokens,
+    uncached_prompt_tokens,
 )
 from splitserve.scheduler.types import (
     NoWorkerAvailable,
@@ -36,4 +37,5 @@ __all__ = [
     "WorkerRole",
     "blocks_needed",
     "cached_prefix_tokens",
+    "uncached_prompt_tokens",
 ]

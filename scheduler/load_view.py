@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from splitserve.scheduler.policy import blocks_needed, cached_prefix_tokens
+from splitserve.scheduler.policy import blocks_needed, uncached_prompt_tokens
 from splitserve.scheduler.types import PairDecision, PairRequest, WorkerLoad
 
 
@@ -102,8 +102,7 @@ class LoadView:
 
     @staticmethod
     def _uncached(load: WorkerLoad, request: PairRequest) -> int:
-        n = request.num_prompt_tokens
-        return n - cached_prefix_tokens(request.block_hashes, load.prefix_hashes, load.block_size, n)
+        return uncached_prompt_tokens(request, load)
 
     def _view(self, load: WorkerLoad, now: float) -> WorkerLoad:
         is_fresh = now - load.updated_at <= self.max_age_s

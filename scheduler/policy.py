@@ -9,11 +9,15 @@
    most free KV tokens, then fewest running + waiting, then the smallest id.
    None fits -> ``NoWorkerAvailable`` (back-pressure) or ``PromptTooLarge``.
 3. Aggregated deployment (only ``BOTH`` workers, no prefill worker)?  Pick the
-   least loaded ``BOTH`` worker (fewest queued prompt tokens, then fewest
-   active sequences, then most free KV) and prefill there.
+   ``BOTH`` worker with the least prefill work ahead of this request (its
+   queued prompt tokens plus the part of this prompt it does not cache), then
+   fewest active sequences, then most free KV, and prefill there.
 4. Remote or local prefill (conditional disaggregation, as in Dynamo)?  The
-   prefill worker is the one with the fewest queued tokens (then fewest
-   waiting, then id). Prefill locally on the decode worker when there is no
+   prefill worker is the one with the least prefill work ahead of this request
+   (queued tokens + this prompt's tokens not in its prefix cache; then fewest
+   waiting, then id): prefix-aware and load-aware in one number, so a worker
+   holding a shared document wins until its queue outweighs the saving.
+   Prefill locally on the decode worker when there is no
    prefill worker, when that least-queued one is past
    ``max_prefill_queue_tokens`` (so all are), or when the part of the prompt
    the decode worker would have to compute itself -- prompt length minus the
@@ -23,9 +27,11 @@ The prefix overlap that decides (4) is measured on the *decode* worker: it is
 the cost of the local alternative. A prompt fully cached on a prefill worker
 but not on the decode worker is still expensive to prefill locally, so the
 prefill worker's cache argues for remote prefill, never for local.
+Workers that report no prefix summary count as caching nothing, which reduces
+every choice to plain least-loaded.
 
-``priority`` and ``tenant`` are carried but not used here; a priority- or
-prefix-aware policy implements the same ``pick`` signature.
+``priority`` and ``tenant`` are carried but not used here; a priority-aware
+policy implements the same ``pick`` signature.
 """
 
 from __future__ import annotations
@@ -73,12 +79,19 @@ def _decode_key(load: WorkerLoad) -> tuple:
     return (-load.num_free_tokens, load.num_active, load.worker_id)
 
 
-def _prefill_key(load: WorkerLoad) -> tuple:
-    return (load.num_queued_tokens, load.num_waiting, load.worker_id)
+def uncached_prompt_tokens(request: PairRequest, load: WorkerLoad) -> int:
+    """Prompt tokens ``load``'s worker would have to compute for ``request`` (the rest is in its prefix cache)."""
+    n = request.num_prompt_tokens
+    return n - cached_prefix_tokens(request.block_hashes, load.prefix_hashes, load.block_size, n)
 
 
-def _aggregated_key(load: WorkerLoad) -> tuple:
-    return (load.num_queued_tokens, load.num_active, -load.num_free_tokens, load.worker_id)
+def _prefill_key(request: PairRequest, load: WorkerLoad) -> tuple:
+    return (load.num_queued_tokens + uncached_prompt_tokens(request, load), load.num_waiting, load.worker_id)
+
+
+def _aggregated_key(request: PairRequest, load: WorkerLoad) -> tuple:
+    work = load.num_queued_tokens + uncached_prompt_tokens(request, load)
+    return (work, load.num_active, -load.num_free_tokens, load.worker_id)
 
 
 def _count(loads: Iterable[WorkerLoad], predicate) -> int:
@@ -136,13 +149,15 @@ class LeastLoadedPolicy:
             raise self._all_full(request, decoders)
 
         if not prefillers and all(w.role == WorkerRole.BOTH for w in fitting):
-            chosen = min(fitting, key=_aggregated_key)
+            chosen = min(fitting, key=lambda w: _aggregated_key(request, w))
+            num_cached = request.num_prompt_tokens - uncached_prompt_tokens(request, chosen)
             return PairDecision(
                 None,
                 chosen.worker_id,
-                f"aggregated: {chosen.worker_id} is least loaded "
-                f"({chosen.num_queued_tokens} queued tokens, {chosen.num_active} active, "
-                f"{chosen.num_free_blocks} free blocks) of {len(fitting)} with room",
+                f"aggregated: {chosen.worker_id} has the least prefill work ahead "
+                f"({chosen.num_queued_tokens} queued tokens, {num_cached} of {request.num_prompt_tokens} "
+                f"prompt tokens cached, {chosen.num_active} active, {chosen.num_free_blocks} free blocks) "
+                f"of {len(fitting)} with room",
             )
 
         decoder = min(fitting, key=_decode_key)
@@ -153,20 +168,20 @@ class LeastLoadedPolicy:
         if not prefillers:
             return PairDecision(None, decoder.worker_id, f"local prefill: no healthy prefill worker; {where}")
 
-        prefiller = min(prefillers, key=_prefill_key)
         limit = self.max_prefill_queue_tokens
-        if limit is not None and prefiller.num_queued_tokens > limit:
+        open_prefillers = [w for w in prefillers if limit is None or w.num_queued_tokens <= limit]
+        if not open_prefillers:
+            least = min(prefillers, key=lambda w: (w.num_queued_tokens, w.worker_id))
             return PairDecision(
                 None,
                 decoder.worker_id,
                 f"local prefill: all {len(prefillers)} prefill workers saturated (least queued "
-                f"{prefiller.worker_id} has {prefiller.num_queued_tokens} tokens > limit {limit}); {where}",
+                f"{least.worker_id} has {least.num_queued_tokens} tokens > limit {limit}); {where}",
             )
+        prefiller = min(open_prefillers, key=lambda w: _prefill_key(request, w))
 
-        num_cached = cached_prefix_tokens(
-            request.block_hashes, decoder.prefix_hashes, decoder.block_size, request.num_prompt_tokens
-        )
-        num_uncached = request.num_prompt_tokens - num_cached
+        num_uncached = uncached_prompt_tokens(request, decoder)
+        num_cached = request.num_prompt_tokens - num_uncached
         threshold = self.local_prefill_threshold_tokens
         if num_uncached <= threshold:
             return PairDecision(
@@ -175,10 +190,12 @@ class LeastLoadedPolicy:
                 f"local prefill: {num_uncached} uncached prompt tokens <= threshold {threshold} "
                 f"({num_cached} of {request.num_prompt_tokens} cached on {decoder.worker_id}); {where}",
             )
+        prefill_cached = request.num_prompt_tokens - uncached_prompt_tokens(request, prefiller)
         return PairDecision(
             prefiller.worker_id,
             decoder.worker_id,
-            f"remote prefill on {prefiller.worker_id} ({prefiller.num_queued_tokens} queued tokens): "
+            f"remote prefill on {prefiller.worker_id} ({prefiller.num_queued_tokens} queued tokens, "
+            f"{prefill_cached} prompt tokens cached there): "
             f"{num_uncached} uncached prompt tokens > threshold {threshold}; {where}",
         )
 

@@ -23,7 +23,7 @@ from splitserve.scheduler.types import WorkerLoad, WorkerRole
 logger = logging.getLogger(__name__)
 
 
-def load_from_report(rep: dict[str, Any]) -> WorkerLoad:
+def load_from_report(rep: dict[str, Any], prefix_hashes: frozenset[int] = frozenset()) -> WorkerLoad:
     return WorkerLoad(
         worker_id=rep["worker_id"],
         role=WorkerRole(rep["role"]),
@@ -33,11 +33,22 @@ def load_from_report(rep: dict[str, Any]) -> WorkerLoad:
         num_total_blocks=rep["num_total_blocks"],
         block_size=rep["block_size"],
         num_queued_tokens=rep["num_queued_tokens"],
+        prefix_hashes=prefix_hashes,
     )
 
 
 class WorkerRegistry:
-    def __init__(self, prefill: dict[str, Any], decode: dict[str, Any], *, poll_interval_s: float = 0.1, max_age_s: float = 5.0, call_timeout_s: float = 5.0):
+    """Worker handles by id, their latest load reports, and the NIXL pairing state.
+
+    ``track_prefixes``: ask workers for a summary of their prefix caches (sent
+    only when it changed since the version held here) so the policy can route a
+    request to the worker that already holds most of its prompt.
+    """
+
+    def __init__(
+        self, prefill: dict[str, Any], decode: dict[str, Any], *, poll_interval_s: float = 0.1, max_age_s: float = 5.0,
+        call_timeout_s: float = 5.0, track_prefixes: bool = True,
+    ):
         self.prefill = prefill
         self.decode = decode
         self.view = LoadView(max_age_s=max_age_s)
@@ -46,6 +57,8 @@ class WorkerRegistry:
         self.call_timeout_s = call_timeout_s
         self._instances: dict[str, str] = {}
         self._paired: set[tuple[str, str, str, str]] = set()  # (prefill id, its instance, decode id, its instance)
+        self.track_prefixes = track_prefixes
+        self._prefixes: dict[str, tuple[str, int, frozenset[int]]] = {}  # worker id -> (instance, version, hashes)
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()
 
@@ -89,17 +102,38 @@ class WorkerRegistry:
             if isinstance(rep, BaseException):
                 self.view.mark_unhealthy(worker_id)
                 continue
+            self._take_prefixes(worker_id, rep)
             self.reports[worker_id] = rep
             self._instances[worker_id] = rep["instance_id"]
         await self._pair()
         for worker_id, rep in zip(ids, results):
             if not isinstance(rep, BaseException) and self._is_paired(worker_id):
-                self.view.update(load_from_report(rep))
+                self.view.update(load_from_report(rep, self.prefix_hashes(worker_id)))
         if all(self._is_paired(w) for w in ids) and len(self.reports) == len(ids):
             self._ready.set()
 
     async def _load(self, worker_id: str) -> dict[str, Any]:
-        return await asyncio.wait_for(_call(self.handle(worker_id).load), self.call_timeout_s)
+        method = self.handle(worker_id).load
+        if not self.track_prefixes:
+            return await asyncio.wait_for(_call(method), self.call_timeout_s)
+        known = self._prefixes.get(worker_id)
+        version = known[1] if known is not None and known[0] == self._instances.get(worker_id) else -1
+        return await asyncio.wait_for(_call(method, version), self.call_timeout_s)
+
+    def _take_prefixes(self, worker_id: str, rep: dict[str, Any]) -> None:
+        """Keep the prefix summary a report carries (kept out of ``reports``: it can be large)."""
+        hashes = rep.pop("prefix_hashes", None)
+        if hashes is not None:
+            self._prefixes[worker_id] = (rep["instance_id"], rep["prefix_version"], frozenset(hashes))
+        elif "prefix_version" not in rep:
+            self._prefixes.pop(worker_id, None)  # prefix caching off there, or an older worker
+
+    def prefix_hashes(self, worker_id: str) -> frozenset[int]:
+        """The latest prefix summary of a worker (empty when unknown or from an earlier instance)."""
+        known = self._prefixes.get(worker_id)
+        if known is None or known[0] != self._instances.get(worker_id):
+            return frozenset()
+        return known[2]
 
     def _is_paired(self, worker_id: str) -> bool:
         """A prefill worker is usable once paired with every live decode worker; decode workers always are."""

@@ -44,6 +44,7 @@ class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     local_prefill_threshold_tokens: int = Field(0, ge=0, description="prompts this short are prefilled on the decode worker")
+    prefix_aware: bool = Field(True, description="route a prompt to the worker whose prefix cache holds most of it (workers report cache summaries)")
     max_prefill_queue_tokens: int | None = Field(None, ge=1, description="above this, prefill locally instead of queueing")
     max_attempts: int = Field(3, ge=1, description="tries per request across workers before failing it")
     load_poll_interval_s: float = Field(0.25, gt=0, description="how often the ingress asks each worker for its load")

@@ -60,7 +60,9 @@ class IngressCore:
         self.model_names = list(dict.fromkeys([self.served_name, model_path, cfg.engine.model or model_path]))
         self.metrics = Metrics()
         r = cfg.routing
-        self.registry = WorkerRegistry(prefill, decode, poll_interval_s=r.load_poll_interval_s, max_age_s=r.load_max_age_s)
+        self.registry = WorkerRegistry(
+            prefill, decode, poll_interval_s=r.load_poll_interval_s, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware,
+        )
         policy = LeastLoadedPolicy(local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens)
         self.router = Router(self.registry, self.metrics, mode=cfg.mode, policy=policy, max_attempts=r.max_attempts, prefill_timeout_s=r.prefill_timeout_s)
 

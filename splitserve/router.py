@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitserve.engine.block_pool import compute_block_hashes
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.metrics import Metrics
 from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PairDecision, PairingPolicy, PairRequest, WorkerBusy
@@ -45,6 +46,7 @@ class RoutedRequest:
     priority: int = 0
     tenant: str | None = None
     arrival: float = field(default_factory=time.monotonic)
+    block_hashes: list[int] | None = None  # computed by the router when workers report prefix caches
 
 
 class RequestFailed(RuntimeError):
@@ -64,9 +66,20 @@ class Router:
         self.prefill_timeout_s = prefill_timeout_s
         self.call_timeout_s = call_timeout_s
 
-    @staticmethod
-    def _pair_request(req: RoutedRequest) -> PairRequest:
-        return PairRequest(req.req_id, len(req.prompt_token_ids), req.params.max_tokens, priority=req.priority, tenant=req.tenant)
+    def _pair_request(self, req: RoutedRequest) -> PairRequest:
+        return PairRequest(
+            req.req_id, len(req.prompt_token_ids), req.params.max_tokens, block_hashes=self._block_hashes(req),
+            priority=req.priority, tenant=req.tenant,
+        )
+
+    def _block_hashes(self, req: RoutedRequest) -> list[int]:
+        """The prompt's chained block hashes (the engine's own), once per request; [] when no worker reports a cache."""
+        if req.block_hashes is None:
+            loads = self.registry.loads()
+            if not getattr(self.registry, "track_prefixes", False) or not any(w.prefix_hashes for w in loads):
+                return []
+            req.block_hashes = compute_block_hashes(req.prompt_token_ids, loads[0].block_size)
+        return req.block_hashes
 
     def check_capacity(self, req: RoutedRequest) -> None:
         """Raise ``NoWorkerAvailable`` now if no worker could take ``req`` (lets HTTP answer 503 before streaming)."""

@@ -218,3 +218,25 @@ def test_reset_prefix_cache_forgets_every_hash():
     pool, _ = cached_pool(4, hashes)
     pool.reset_prefix_cache()
     assert pool.lookup_prefix(hashes) == [] and pool.num_free_blocks == 4
+
+
+def test_hottest_hashes_lists_in_use_then_recently_freed_and_versions_track_changes():
+    hashes = compute_block_hashes(list(range(4 * BS)), BS)
+    pool = BlockPool(6, BS)
+    v0 = pool.prefix_version
+    a = pool.allocate(2)  # blocks 0, 1: freed below
+    b = pool.allocate(2)  # blocks 2, 3: stay in use
+    for block, h in zip(a + b, hashes):
+        pool.register(block, h)
+    assert pool.prefix_version == v0 + 4
+    pool.free(a)  # free order: tail first, so block 1 then block 0 (0 is the most recently freed)
+    v1 = pool.prefix_version
+    assert pool.prefix_version == v1  # freeing keeps the hashes cached: no change
+    assert pool.hottest_hashes(10) == [hashes[2], hashes[3], hashes[0], hashes[1]]
+    assert pool.hottest_hashes(3) == [hashes[2], hashes[3], hashes[0]]
+    assert pool.hottest_hashes(0) == []
+    pool.allocate(3)  # two never-used blocks, then the LRU cached block (1): its hash is evicted
+    assert pool.prefix_version == v1 + 1
+    assert hashes[1] not in pool.hottest_hashes(10) and hashes[0] in pool.hottest_hashes(10)
+    pool.reset_prefix_cache()
+    assert pool.prefix_version == v1 + 2 and pool.hottest_hashes(10) == []

@@ -187,6 +187,38 @@ def test_prefix_cached_only_on_prefill_worker_still_goes_remote():
     assert decision.prefill_worker_id == "p0"
 
 
+def test_prefill_worker_holding_the_prefix_wins_until_its_queue_outweighs_it():
+    # 1,024-token prompt = 64 full blocks; p1 caches the first 48 (768 tokens), p0 nothing.
+    hashes = list(range(100, 164))
+    cached = frozenset(hashes[:48])
+    loads = [load("d0", num_free_blocks=1000), prefill("p0"), prefill("p1", prefix_hashes=cached, num_queued_tokens=500)]
+    decision = LeastLoadedPolicy().pick(req(1024, block_hashes=hashes), loads)
+    # work ahead: p0 = 0 + 1024, p1 = 500 + 256 -> p1, and the reason says why
+    assert decision.prefill_worker_id == "p1"
+    assert "768 prompt tokens cached there" in decision.reason
+    loads[2] = prefill("p1", prefix_hashes=cached, num_queued_tokens=800)  # 800 + 256 > 1024 -> p0
+    assert LeastLoadedPolicy().pick(req(1024, block_hashes=hashes), loads).prefill_worker_id == "p0"
+    # without hashes on the request the cache cannot count: plain least-queued
+    loads[2] = prefill("p1", prefix_hashes=cached, num_queued_tokens=1)
+    assert LeastLoadedPolicy().pick(req(1024), loads).prefill_worker_id == "p0"
+
+
+def test_saturation_limit_skips_a_cache_holder_that_is_over_it():
+    hashes = list(range(64))
+    loads = [load("d0", num_free_blocks=1000), prefill("p0", num_queued_tokens=900),
+             prefill("p1", prefix_hashes=frozenset(hashes), num_queued_tokens=1200)]
+    decision = LeastLoadedPolicy(max_prefill_queue_tokens=1000).pick(req(1024, block_hashes=hashes), loads)
+    assert decision.prefill_worker_id == "p0"  # p1 would be cheaper but is past the limit
+
+
+def test_aggregated_prefers_the_worker_caching_the_prompt():
+    hashes = list(range(10, 16))  # 100 tokens: 6 full blocks
+    loads = [both("a0"), both("a1", prefix_hashes=frozenset(hashes), num_queued_tokens=50)]
+    decision = LeastLoadedPolicy().pick(req(100, block_hashes=hashes), loads)
+    assert decision.decode_worker_id == "a1" and "96 of 100 prompt tokens cached" in decision.reason
+    assert LeastLoadedPolicy().pick(req(100), loads).decode_worker_id == "a0"
+
+
 def test_saturated_prefill_workers_mean_local_prefill():
     policy = LeastLoadedPolicy(max_prefill_queue_tokens=1000)
     loads = [load("d0"), prefill("p0", num_queued_tokens=1001), prefill("p1", num_queued_tokens=5000)]

@@ -377,6 +377,10 @@ def test_metrics_and_admin_workers_after_requests(aio, workers, tiny_model):
     prompts = PROMPTS[:3]
 
     async def body():
+        # earlier tests left these prompts in the caches; a fully cached one would now (rightly) be
+        # prefilled on the decode worker and move no KV, so start cold to count every transfer
+        for w in workers.values():
+            await w.reset_prefix_cache()
         async with stack_for(workers, tiny_model, "disaggregated") as s, s.client() as c:
             bytes_before = P.transfer_bytes
             r = await c.post("/v1/completions", json=completion_body(prompts[0]))

@@ -53,6 +53,17 @@ def shared(aio, tiny_model):
     aio.run(stop_workers(made.values()))
 
 
+@pytest.fixture(autouse=True)
+def cold_caches(aio, shared):
+    """Each test starts with empty prefix caches: a prompt an earlier test left fully cached on the
+    decode worker would be prefilled there (prefix-aware routing), not sent through the path under test."""
+    async def reset():
+        for w in shared.values():
+            await w.reset_prefix_cache()
+
+    aio.run(reset())
+
+
 @pytest.fixture
 def own(aio):
     """Workers made for one test (faults, small pools); stopped after it."""
