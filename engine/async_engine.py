@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from splitserve.engine.aio import cancel_and_wait
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
@@ -54,13 +55,8 @@ class AsyncEngine:
         self._task = self._loop.create_task(self._run(), name="engine-loop")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._executor.shutdown(wait=True)
 
     # ---- calls into the engine thread ------------------------------------------
@@ -166,3 +162,4 @@ def _resolve(fut: asyncio.Future, result: Any, error: Exception | None) -> None:
         fut.set_exception(error)
     else:
         fut.set_result(result)
+

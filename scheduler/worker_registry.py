@@ -17,6 +17,7 @@ import asyncio
 import logging
 from typing import Any
 
+from splitserve.engine.aio import cancel_and_wait
 from splitserve.scheduler.load_view import LoadView
 from splitserve.scheduler.types import WorkerLoad, WorkerRole
 
@@ -70,13 +71,8 @@ class WorkerRegistry:
             self._task = asyncio.get_running_loop().create_task(self._poll_forever(), name="worker-registry")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """True once every worker has reported and been paired (or until the timeout)."""

@@ -29,6 +29,7 @@ class HTTPConfig(BaseModel):
     api_key: str | None = Field(None, description="when set, /v1 and /admin require 'Authorization: Bearer <key>'")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies get HTTP 413")
     served_model_name: str | None = Field(None, description="name clients use in 'model'; the checkpoint path is accepted too")
+    disconnect_poll_s: float = Field(0.5, gt=0, description="how often a non-streaming request checks that its client is still there")
 
 
 class WorkerResources(BaseModel):

@@ -18,9 +18,10 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,12 +30,15 @@ from pydantic import ValidationError
 
 from splitserve import openai_protocol as oai
 from splitserve.config import ServeConfig
+from splitserve.engine.aio import cancel_and_wait
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.metrics import Metrics
 from splitserve.router import RequestFailed, RoutedRequest, Router
 from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PromptTooLarge
 from splitserve.scheduler.worker_registry import WorkerRegistry
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -177,22 +181,42 @@ def _error_for(e: BaseException) -> APIError:
     return APIError(500, str(e), "InternalServerError")
 
 
+class _Guard:
+    """API key and body-size checks before any route runs, as a plain ASGI middleware.
+
+    Not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` wraps
+    ``receive`` in a task group that swallows an ``http.disconnect`` read under
+    ``Request.is_disconnected()``, so a route could never notice a client leave.
+    """
+
+    def __init__(self, app: Any, http: Any) -> None:
+        self.app, self.cfg = app, http
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            error = self._check(scope["path"], {k.lower(): v for k, v in scope["headers"]})
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        cfg = self.cfg
+        if cfg.api_key and (path.startswith("/v1") or path.startswith("/admin")):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {cfg.api_key}".encode()):
+                return APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "AuthenticationError")
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > cfg.max_request_bytes:
+            return APIError(413, f"request body of {length} bytes exceeds the limit of {cfg.max_request_bytes} bytes")
+        return None
+
+
 def build_http_app(core: IngressCore) -> FastAPI:
     cfg = core.cfg.http
     app = FastAPI(title="splitserve", version="0.1.0")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if cfg.api_key and (path.startswith("/v1") or path.startswith("/admin")):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {cfg.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "AuthenticationError").response()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_request_bytes:
-            return APIError(413, f"request body of {length} bytes exceeds the limit of {cfg.max_request_bytes} bytes").response()
-        return await call_next(request)
+    app.add_middleware(_Guard, http=cfg)
 
     async def parse(request: Request, model: type) -> Any:
         body = bytearray()
@@ -231,11 +255,17 @@ def build_http_app(core: IngressCore) -> FastAPI:
             stream = _sse(core, rreq, model, created, chat, req.include_usage, req.return_token_ids)
             return StreamingResponse(stream, media_type="text/event-stream")
         text, token_ids, finish, n_out = [], [], None, 0
-        try:
+
+        async def collect() -> None:
+            nonlocal finish, n_out
             async for chunk in core.chunks(rreq):
                 text.append(chunk["new_text"])
-                token_ids += chunk["new_token_ids"]
+                token_ids.extend(chunk["new_token_ids"])
                 finish, n_out = chunk["finish_reason"], chunk["num_output_tokens"]
+
+        try:
+            if not await _unless_disconnected(request, collect(), core.cfg.http.disconnect_poll_s):
+                return Response(status_code=499)  # nobody is listening; the request was aborted on its worker
         except (NoWorkerAvailable, RequestFailed) as e:
             return _error_for(e).response()
         if finish not in ("stop", "length"):
@@ -280,6 +310,30 @@ def build_http_app(core: IngressCore) -> FastAPI:
         return {"workers": [{**rep, "healthy": wid in healthy} for wid, rep in sorted(core.registry.reports.items())]}
 
     return app
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[None], poll_s: float) -> bool:
+    """Run ``work`` while checking every ``poll_s`` that the client is still connected.
+
+    A client that hangs up on a non-streaming request would otherwise keep a worker
+    generating up to ``max_tokens`` for nobody: the work is cancelled, which closes
+    the router's stream and aborts the request on its worker (freeing its KV blocks).
+    Returns False when that happened. (A streaming response notices on its next write.)
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                task.result()  # re-raise what the work raised
+                return True
+            if await request.is_disconnected():
+                logger.info("client went away; aborting its request")
+                await cancel_and_wait(task)
+                return False
+    except asyncio.CancelledError:  # the server itself cancelled us (e.g. Ray Serve saw the disconnect)
+        await cancel_and_wait(task)
+        raise
 
 
 async def _sse(

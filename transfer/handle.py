@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,10 +97,11 @@ def _timeout_message(handle: TransferHandle, timeout_s: float) -> str:
     return f"{handle.describe()} did not finish within {timeout_s:g} s; cancelled"
 
 
-def wait_for(agent: TransferAgent, handle: TransferHandle, timeout_s: float) -> None:
-    """Poll ``agent`` until the handle is DONE; raise TransferError / TransferTimeout otherwise.
+def _poll_until_done(agent: TransferAgent, handle: TransferHandle, timeout_s: float) -> Iterator[float]:
+    """Poll ``agent`` until the handle is DONE, yielding how long to sleep between polls (growing backoff).
 
-    Shared by the real and the fault-injecting agent (anything with ``poll`` and ``cancel``).
+    Raises TransferError when the transfer failed, TransferTimeout (after
+    cancelling it) when ``timeout_s`` passed. The callers only choose how to sleep.
     """
     deadline = time.monotonic() + timeout_s
     sleep_s = 0.0
@@ -112,22 +114,20 @@ def wait_for(agent: TransferAgent, handle: TransferHandle, timeout_s: float) -> 
         if time.monotonic() >= deadline:
             agent.cancel(handle, f"timed out after {timeout_s:g} s")
             raise TransferTimeout(_timeout_message(handle, timeout_s))
-        time.sleep(sleep_s)
+        yield sleep_s
         sleep_s = min(max(2 * sleep_s, _MIN_SLEEP_S), _MAX_SLEEP_S)
+
+
+def wait_for(agent: TransferAgent, handle: TransferHandle, timeout_s: float) -> None:
+    """Block until the handle is DONE; raise TransferError / TransferTimeout otherwise.
+
+    Shared by the real and the fault-injecting agent (anything with ``poll`` and ``cancel``).
+    """
+    for sleep_s in _poll_until_done(agent, handle, timeout_s):
+        time.sleep(sleep_s)
 
 
 async def wait_for_async(agent: TransferAgent, handle: TransferHandle, timeout_s: float) -> None:
     """:func:`wait_for` for an event loop: yields with ``asyncio.sleep`` between polls."""
-    deadline = time.monotonic() + timeout_s
-    sleep_s = 0.0
-    while True:
-        status = agent.poll(handle)
-        if status is TransferStatus.DONE:
-            return
-        if status is TransferStatus.FAILED:
-            raise TransferError(f"{handle.describe()} failed: {handle.error}")
-        if time.monotonic() >= deadline:
-            agent.cancel(handle, f"timed out after {timeout_s:g} s")
-            raise TransferTimeout(_timeout_message(handle, timeout_s))
+    for sleep_s in _poll_until_done(agent, handle, timeout_s):
         await asyncio.sleep(sleep_s)
-        sleep_s = min(max(2 * sleep_s, _MIN_SLEEP_S), _MAX_SLEEP_S)

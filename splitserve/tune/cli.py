@@ -86,6 +86,8 @@ def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transfer-latency", type=float, default=None, help="override the profile's fixed KV hand-off latency (s)")
     p.add_argument("--out", default=None, help="write simulate.csv (every point) and the profile used here")
     p.add_argument("--against", default=None, help="a tune results.csv: simulate its (split, rate) points, print the error in %%")
+    p.add_argument("--calibrate", action="store_true", help="with --against: fit the KV hand-off latency to each "
+                   "disaggregated split's lowest measured rate first (the other rates stay a held-out check)")
     p.set_defaults(func=run_simulate)
 
 
@@ -127,7 +129,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.against:
         from splitserve.tune.commands import compare_with_measured
 
-        return compare_with_measured(Path(args.against), wl, slo, profiles, args.seed)
+        return compare_with_measured(Path(args.against), wl, slo, profiles, args.seed, calibrate=args.calibrate)
+    if args.calibrate:
+        raise ValueError("--calibrate needs --against (a measured results.csv to fit to)")
     print("simulator assumptions: one worker per unit of tp GPUs; least-loaded routing on exact load; KV links never contend; "
           "FCFS prefill with chunking under the token budget; continuous-batching decode")
     all_rows, summary = [], []

@@ -126,8 +126,13 @@ def tune(args: argparse.Namespace, workload: Workload, slo: SLO) -> int:
     return 0
 
 
-def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profiles, seed: int) -> int:
-    """Simulate every (split, rate) of a measured ``results.csv`` on the same requests; print both and the error."""
+def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profiles, seed: int, calibrate: bool = False) -> int:
+    """Simulate every (split, rate) of a measured ``results.csv`` on the same requests; print both and the error.
+
+    ``calibrate``: first fit the hand-off latency to each disaggregated split's
+    lowest rate (``calibrate.calibrate_handoff``); those points are marked ``*``
+    and the error is also given over the other (held-out) points.
+    """
     import csv
 
     from splitserve.tune.planner import evaluate
@@ -135,16 +140,26 @@ def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profi
     if not results_csv.is_file():
         raise ValueError(f"{str(results_csv)!r} does not exist; it is the results.csv a 'splitserve tune' run writes")
     measured = list(csv.DictReader(open(results_csv)))
+    cal = None
+    if calibrate:
+        from splitserve.tune.calibrate import calibrate_handoff
+
+        cal = calibrate_handoff(measured, workload, slo, profiles, seed)
+        profiles = cal.profiles
+        print(cal.describe())
     head = ["split", "rate", "goodput", "sim", "err %", "attain", "sim", "ttft p50", "sim", "itl p50 ms", "sim"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    errs, lat_errs = [], []
+    errs, lat_errs, held_out = [], [], []
     for m in measured:
         rate, n = float(m["rate"]), int(m["num_requests"])
         sim = evaluate(Split.parse(m["split"]), workload, slo, profiles, rate, n, seed, keep_gaps=True).summary
         good = float(m["goodput"])
         err = (sim.goodput - good) / good * 100 if good > 0 else float("nan")
+        fitted = cal is not None and cal.used(m["split"], rate)
         if good > 0:
             errs.append(abs(err))
+            if cal is not None and not fitted:
+                held_out.append(abs(err))
         for key in ("ttft_p50", "itl_p50"):
             if m[key] and getattr(sim, key):
                 lat_errs.append(abs(getattr(sim, key) - float(m[key])) / float(m[key]) * 100)
@@ -153,11 +168,20 @@ def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profi
             return "-" if v in (None, "") else fmt.format(float(v) * scale)
 
         lines.append("| " + " | ".join([
-            m["split"], f"{rate:g}", f(good, fmt="{:.3f}"), f(sim.goodput, fmt="{:.3f}"), f"{err:+.0f}",
+            m["split"] + (" *" if fitted else ""), f"{rate:g}", f(good, fmt="{:.3f}"), f(sim.goodput, fmt="{:.3f}"), f"{err:+.0f}",
             f(m["attainment"], 100, "{:.0f}%"), f(sim.attainment, 100, "{:.0f}%"), f(m["ttft_p50"]), f(sim.ttft_p50),
             f(m["itl_p50"], 1000, "{:.0f}"), f(sim.itl_p50, 1000, "{:.0f}")]) + " |")
     print("\n".join(lines))
     if errs:
         print(f"simulator vs measured goodput: mean |error| {sum(errs) / len(errs):.0f}% over {len(errs)} points "
-              f"(median {sorted(errs)[len(errs) // 2]:.0f}%); TTFT and ITL p50: mean |error| {sum(lat_errs) / max(len(lat_errs), 1):.0f}%")
+              f"(median {_median(errs):.0f}%); TTFT and ITL p50: mean |error| {sum(lat_errs) / max(len(lat_errs), 1):.0f}%")
+    if held_out:
+        print(f"held out (not used to calibrate; * marks the points that were): mean |error| "
+              f"{sum(held_out) / len(held_out):.0f}%, median {_median(held_out):.0f}% over {len(held_out)} points")
     return 0
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
