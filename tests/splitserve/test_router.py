@@ -98,7 +98,9 @@ def test_failing_prefill_worker_is_retried_on_the_other(aio, shared, own, tiny_m
     good_before = good.num_requests
 
     async def body():
-        async with Stack(tiny_model, [bad, good], [d]) as s:
+        # prefix-aware routing off: the burst repeats the prompts, and the 16-token one, then cached
+        # whole on D, would (rightly) be prefilled there instead of going through the prefill workers
+        async with Stack(tiny_model, [bad, good], [d], routing={"prefix_aware": False}) as s:
             await expect_reference(s.core, reference)
             # and a concurrent burst
             outs = await asyncio.gather(*(collect(s.core, p, greedy(MAX_TOKENS)) for p in PROMPTS))
