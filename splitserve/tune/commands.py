@@ -129,8 +129,8 @@ def tune(args: argparse.Namespace, workload: Workload, slo: SLO) -> int:
 def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profiles, seed: int, calibrate: bool = False) -> int:
     """Simulate every (split, rate) of a measured ``results.csv`` on the same requests; print both and the error.
 
-    ``calibrate``: first fit the hand-off latency to each disaggregated split's
-    lowest rate (``calibrate.calibrate_handoff``); those points are marked ``*``
+    ``calibrate``: first fit the workers' live slowdown and the hand-off latency to
+    each split's lowest rate (``calibrate.calibrate``); those points are marked ``*``
     and the error is also given over the other (held-out) points.
     """
     import csv
@@ -142,9 +142,9 @@ def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profi
     measured = list(csv.DictReader(open(results_csv)))
     cal = None
     if calibrate:
-        from splitserve.tune.calibrate import calibrate_handoff
+        from splitserve.tune.calibrate import calibrate as fit
 
-        cal = calibrate_handoff(measured, workload, slo, profiles, seed)
+        cal = fit(measured, workload, slo, profiles, seed)
         profiles = cal.profiles
         print(cal.describe())
     head = ["split", "rate", "goodput", "sim", "err %", "attain", "sim", "ttft p50", "sim", "itl p50 ms", "sim"]

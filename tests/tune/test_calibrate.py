@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from splitserve.tune.calibrate import calibrate_handoff
+from splitserve.tune.calibrate import calibrate, calibrate_handoff, scale_speed
 from splitserve.tune.commands import compare_with_measured
 from splitserve.tune.planner import evaluate
 from splitserve.tune.report import write_results_csv
@@ -39,7 +39,7 @@ def test_recovers_the_hand_off_latency_from_the_lowest_rates(tmp_path):
     assert {(s, r) for s, r, _ in cal.points} == {("1P1D", 1.0), ("2P1D", 1.0)}  # lowest rate of each disaggregated split
     assert cal.used("1P1D", 1.0) and not cal.used("1P1D", 4.0) and not cal.used("agg2", 1.0)
     assert cal.profiles.meta["assumed_handoff_latency_s"] == 0.005
-    assert "calibrated KV hand-off latency 250 ms (was an assumed 5 ms)" in cal.describe()
+    assert "KV hand-off latency 250 ms, was an assumed 5 ms" in cal.describe()
     # the calibrated simulator now predicts the held-out rates of the 'machine' (it is the same model)
     truth = make_profiles(transfer_latency=0.25)
     for rate in RATES[1:]:
@@ -64,6 +64,26 @@ def test_compare_prints_fitted_points_and_held_out_error(tmp_path, capsys):
     path, _ = measured_rows(tmp_path, true_latency=0.25)
     assert compare_with_measured(path, WL, SLO_, make_profiles(transfer_latency=0.005), 3, calibrate=True) == 0
     out = capsys.readouterr().out
-    assert "calibrated KV hand-off latency 250 ms" in out
+    assert "workers x1.00 slower than profiled" in out and "KV hand-off latency 250 ms" in out
     assert "| 1P1D * | 1 |" in out and "| 1P1D | 4 |" in out
     assert "held out (not used to calibrate" in out
+
+
+def test_fits_a_live_slowdown_first_then_the_hand_off(tmp_path):
+    # the 'machine': every worker 1.5x slower than its profile, and a 0.2 s hand-off
+    profile = make_profiles(transfer_latency=0.005)
+    truth = replace(scale_speed(profile, 1.5), transfer=replace(profile.transfer, latency_s=0.2))
+    rows = [evaluate(Split.parse(s), WL, SLO_, truth, r, 40, seed=3) for s in ("1P1D", "agg2") for r in RATES]
+    path = write_results_csv(rows, tmp_path / "results.csv")
+    cal = calibrate(list(csv.DictReader(open(path))), WL, SLO_, profile, seed=3)
+    assert cal.slowdown == pytest.approx(1.5, rel=0.05)
+    assert cal.latency_s == pytest.approx(0.2, abs=0.02)
+    assert {(s, r) for s, r, _ in cal.itl_points} == {("1P1D", 1.0), ("agg2", 1.0)}
+    assert cal.profiles.decode.a_s == pytest.approx(profile.decode.a_s * cal.slowdown)
+    assert cal.profiles.meta["calibrated_slowdown"] == cal.slowdown
+    # an aggregated-only sweep still fits the slowdown and keeps the assumed latency
+    agg_only = [r for r in csv.DictReader(open(path)) if r["split"] == "agg2"]
+    cal = calibrate(agg_only, WL, SLO_, profile, seed=3)
+    assert cal.slowdown == pytest.approx(1.5, rel=0.05) and cal.latency_s == 0.005 and cal.points == ()
+    with pytest.raises(ValueError, match="speed factor"):
+        scale_speed(profile, 0.0)
