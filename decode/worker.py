@@ -120,7 +120,7 @@ class DecodeWorker(EngineWorker):
             params = SamplingParams.from_dict(req["sampling"])
             prompt_ids = list(req["prompt_token_ids"])
             add = lambda: self.engine.add_prefilled_request(req_id, prompt_ids, notified, params, priority=req.get("priority", 0))  # noqa: E731
-            async for out in self.aengine.stream(req_id, add):
+            async for out in self.aengine.stream(req_id, add, coalesce=True):
                 finished = out.finished
                 yield output_chunk(out)
         except BaseException:
@@ -138,7 +138,7 @@ class DecodeWorker(EngineWorker):
         prompt = req.get("prompt_token_ids") or req.get("prompt")
         finished = False
         try:
-            async for out in self.aengine.generate(req["req_id"], prompt, params, priority=req.get("priority", 0)):
+            async for out in self.aengine.generate(req["req_id"], prompt, params, priority=req.get("priority", 0), coalesce=True):
                 finished = out.finished
                 yield output_chunk(out)
         except BaseException:

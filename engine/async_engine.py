@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from splitserve.engine.aio import cancel_and_wait
@@ -116,9 +117,13 @@ class AsyncEngine:
             self.engine.abort_request(req_id)
 
     # ---- streams ---------------------------------------------------------------
-    async def stream(self, req_id: str, add: Callable[[], RequestOutput | Any]) -> AsyncIterator[RequestOutput]:
+    async def stream(self, req_id: str, add: Callable[[], RequestOutput | Any], coalesce: bool = False) -> AsyncIterator[RequestOutput]:
         """Register ``req_id``, run ``add`` in the engine thread, then yield its outputs until finished.
 
+        ``coalesce``: when the consumer fell behind and several outputs are
+        waiting, yield them as one (new tokens and text joined, the rest from the
+        latest), so a slow hop after this one (a Ray stream, HTTP) carries fewer,
+        larger chunks instead of falling further behind.
         If the consumer stops early (client gone, cancellation, error), the request is
         aborted and its blocks freed.
         """
@@ -127,10 +132,17 @@ class AsyncEngine:
         finished = False
         try:
             await self.call(add)  # outputs it returns arrive through the queue, in order
+            pending = None  # an error met while coalescing: raised after the outputs before it
             while True:
-                item = await q.get()
+                item, pending = (pending, None) if pending is not None else (await q.get(), None)
                 if isinstance(item, Exception):
                     raise item
+                while coalesce and not item.finished and not q.empty():
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, Exception):
+                        pending = nxt
+                        break
+                    item = replace(nxt, new_token_ids=item.new_token_ids + nxt.new_token_ids, new_text=item.new_text + nxt.new_text)
                 finished = item.finished
                 yield item
                 if finished:
@@ -147,9 +159,11 @@ class AsyncEngine:
             logger.exception("abort of %s failed", req_id)
 
     def generate(
-        self, req_id: str, prompt: str | list[int], params: SamplingParams, *, priority: int = 0, keep_kv: bool = False
+        self, req_id: str, prompt: str | list[int], params: SamplingParams, *, priority: int = 0, keep_kv: bool = False,
+        coalesce: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        return self.stream(req_id, lambda: self.engine.add_request(prompt, params, req_id, priority=priority, keep_kv=keep_kv))
+        add = lambda: self.engine.add_request(prompt, params, req_id, priority=priority, keep_kv=keep_kv)  # noqa: E731
+        return self.stream(req_id, add, coalesce=coalesce)
 
     async def abort(self, req_id: str) -> bool:
         return await self.call(lambda: self.engine.abort_request(req_id))
