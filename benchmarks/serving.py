@@ -8,6 +8,7 @@ stated SLOs) with ratios against the aggregated baseline measured in the same ru
 
     python benchmarks/serving.py --peer-venv /tmp/peer/vllm --workload rag --request-rate 0.25 --num-prompts 16
     python benchmarks/serving.py --peer-venv /tmp/peer/vllm --systems splitserve-disagg,splitserve-agg,vllm-cpu --workload chat
+    python benchmarks/serving.py --peer-venv /tmp/peer/vllm --systems splitserve-agg@256   # chunked prefill: 256 tokens per step
 
 The vLLM venv comes from ``vllm-cpu.sh setup VENV`` (it is never imported here).
 """
@@ -38,7 +39,11 @@ WORKLOADS = {
 
 
 def splitserve_cmd(system: str, model: str, port: int) -> list[str]:
+    """``splitserve-disagg`` / ``splitserve-agg``, optionally ``@N``: a prefill token budget of N per step."""
     base = [sys.executable, "-m", "splitserve.cli", "serve", "--model", model, "--port", str(port)]
+    system, _, budget = system.partition("@")
+    if budget:
+        base += ["--max-num-batched-tokens", budget]
     if system == "splitserve-disagg":
         return base + ["--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--worker-cpus", "1"]
     if system == "splitserve-agg":
