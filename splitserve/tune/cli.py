@@ -129,7 +129,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.against:
         from splitserve.tune.commands import compare_with_measured
 
-        return compare_with_measured(Path(args.against), wl, slo, profiles, args.seed, calibrate=args.calibrate)
+        return compare_with_measured(Path(args.against), wl, slo, profiles, args.seed, calibrate=args.calibrate,
+                                     out=Path(args.out) if args.out else None)
     if args.calibrate:
         raise ValueError("--calibrate needs --against (a measured results.csv to fit to)")
     print("simulator assumptions: one worker per unit of tp GPUs; least-loaded routing on exact load; KV links never contend; "

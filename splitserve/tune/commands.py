@@ -126,12 +126,14 @@ def tune(args: argparse.Namespace, workload: Workload, slo: SLO) -> int:
     return 0
 
 
-def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profiles, seed: int, calibrate: bool = False) -> int:
+def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profiles, seed: int, calibrate: bool = False,
+                          out: Path | None = None) -> int:
     """Simulate every (split, rate) of a measured ``results.csv`` on the same requests; print both and the error.
 
     ``calibrate``: first fit the workers' live slowdown and the hand-off latency to
     each split's lowest rate (``calibrate.calibrate``); those points are marked ``*``
-    and the error is also given over the other (held-out) points.
+    and the error is also given over the other (held-out) points. With ``out``, the
+    calibrated profile is written to ``out/calibrated-profile.json`` (for ``simulate --profile``).
     """
     import csv
 
@@ -147,6 +149,10 @@ def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profi
         cal = fit(measured, workload, slo, profiles, seed)
         profiles = cal.profiles
         print(cal.describe())
+        if out is not None:
+            from splitserve.tune.profile import save_profile
+
+            print(f"wrote {save_profile(profiles, Path(out) / 'calibrated-profile.json')}")
     head = ["split", "rate", "goodput", "sim", "err %", "attain", "sim", "ttft p50", "sim", "itl p50 ms", "sim"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     errs, lat_errs, held_out = [], [], []

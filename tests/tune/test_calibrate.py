@@ -10,6 +10,7 @@ import pytest
 from splitserve.tune.calibrate import calibrate, calibrate_handoff, scale_speed
 from splitserve.tune.commands import compare_with_measured
 from splitserve.tune.planner import evaluate
+from splitserve.tune.profile import load_profile
 from splitserve.tune.report import write_results_csv
 from splitserve.tune.simulator import Split
 from splitserve.tune.workload import SLO
@@ -62,8 +63,10 @@ def test_needs_a_disaggregated_split_to_fit(tmp_path):
 
 def test_compare_prints_fitted_points_and_held_out_error(tmp_path, capsys):
     path, _ = measured_rows(tmp_path, true_latency=0.25)
-    assert compare_with_measured(path, WL, SLO_, make_profiles(transfer_latency=0.005), 3, calibrate=True) == 0
+    assert compare_with_measured(path, WL, SLO_, make_profiles(transfer_latency=0.005), 3, calibrate=True, out=tmp_path) == 0
     out = capsys.readouterr().out
+    saved = load_profile(tmp_path / "calibrated-profile.json")  # ready for 'simulate --profile'
+    assert saved.transfer.latency_s == pytest.approx(0.25, abs=0.01) and saved.meta["calibrated_slowdown"] == pytest.approx(1.0, rel=0.01)
     assert "workers x1.00 slower than profiled" in out and "KV hand-off latency 250 ms" in out
     assert "| 1P1D * | 1 |" in out and "| 1P1D | 4 |" in out
     assert "held out (not used to calibrate" in out
