@@ -65,6 +65,22 @@ class DecodeWorker(EngineWorker):
         self._arrived.pop(req_id, None)
         return await self.aengine.call(lambda: self.engine.release_reservation(req_id))
 
+    async def reserve_for(self, req_id: str, prompt_token_ids: list[int]) -> dict[str, Any]:
+        """Prefix-aware ``reserve``: the prompt's leading blocks this worker already caches are reused.
+
+        Returns ``{"num_cached_blocks": k, "block_ids": [...]}``: the prefill worker
+        writes the prompt's blocks from k on into ``block_ids`` (never into the
+        shared cached ones). Raises ``WorkerBusy`` when the pool cannot hold the rest.
+        """
+        prompt = list(prompt_token_ids)
+        try:
+            k, blocks = await self.aengine.call(lambda: self.engine.reserve_prompt(req_id, prompt))
+        except NoFreeBlocks as e:
+            raise WorkerBusy(f"decode worker {self.worker_id} has no room for {len(prompt)} prompt tokens: {e}") from e
+        self._reserved_at[req_id] = time.monotonic()
+        self._ensure_poller()
+        return {"num_cached_blocks": k, "block_ids": blocks}
+
     # ---- KV arrival ----------------------------------------------------------------
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():

@@ -18,7 +18,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from splitserve.engine.batch_scheduler import BatchScheduler, SchedulerOutput
-from splitserve.engine.block_pool import BlockPool, compute_block_hashes
+from splitserve.engine.block_pool import BlockPool, NoFreeBlocks, compute_block_hashes
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.model_config import ModelConfig
@@ -60,6 +60,7 @@ class LLMEngine:
         self._counter = itertools.count()
         self._held: dict[str, list[int]] = {}  # finished keep_kv requests -> blocks awaiting transfer
         self._reserved: dict[str, list[int]] = {}  # decode side: blocks waiting for incoming KV
+        self._reserved_cached: dict[str, int] = {}  # decode side: leading reserved blocks reused from the prefix cache
 
     # ---- requests -------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -147,7 +148,36 @@ class LLMEngine:
         self._reserved[req_id] = blocks
         return blocks
 
+    def reserve_prompt(self, req_id: str, prompt_ids: Seq[int]) -> tuple[int, list[int]]:
+        """Decode side, prefix-aware: reuse the cached leading blocks of the prompt, reserve the rest.
+
+        Returns ``(num_cached_blocks, new_block_ids)``: the prefill worker writes only
+        the prompt's blocks from ``num_cached_blocks`` on, into ``new_block_ids``. At
+        least the last block always comes over the wire (so a transfer, and its
+        notification, always happen), and cached blocks are never written into:
+        other running sequences may be reading them. Raises ``NoFreeBlocks``.
+        """
+        n = len(prompt_ids)
+        if req_id in self._reserved or req_id in self._seqs:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        if n < 1 or n >= self.max_model_len:
+            raise ValueError(f"cannot reserve KV for {n} tokens; the model's context is {self.max_model_len} tokens")
+        num_blocks = -(-n // self.block_size)
+        cached: list[int] = []
+        if self.pool.enable_prefix_caching:
+            reusable = (n - 1) // self.block_size  # full blocks before the one holding the last prompt token
+            cached = self.pool.lookup_prefix(compute_block_hashes(list(prompt_ids[: reusable * self.block_size]), self.block_size))
+        try:
+            new = self.pool.allocate(num_blocks - len(cached))
+        except NoFreeBlocks:
+            self.pool.free(cached)
+            raise
+        self._reserved[req_id] = cached + new
+        self._reserved_cached[req_id] = len(cached)
+        return len(cached), new
+
     def release_reservation(self, req_id: str) -> bool:
+        self._reserved_cached.pop(req_id, None)
         blocks = self._reserved.pop(req_id, None)
         if blocks is None:
             return False
@@ -164,6 +194,7 @@ class LLMEngine:
         request then decodes like any other, or finishes here if that token ends it.
         """
         blocks = self._reserved.pop(req_id, None)
+        num_cached_blocks = self._reserved_cached.pop(req_id, 0)
         if blocks is None:
             raise ValueError(f"request {req_id!r} has no reserved KV blocks on this worker")
         try:
@@ -179,6 +210,7 @@ class LLMEngine:
             arrival_time=arrival_time if arrival_time is not None else now,
             generator=torch.Generator().manual_seed(params.seed) if params.seed is not None else None,
             block_ids=blocks, num_computed_tokens=len(prompt_ids), first_scheduled_time=now,
+            num_cached_tokens=num_cached_blocks * self.block_size,
         )
         if self.pool.enable_prefix_caching:
             seq.block_hashes = compute_block_hashes(seq.token_ids, self.block_size)

@@ -2,11 +2,12 @@
 
 Request lifecycle on this worker:
   1. ``prefill(req)`` arrives with the prompt, the sampling settings and the
-     destination: decode worker id + the block ids it reserved.
+     destination: decode worker id + the block ids it reserved, and how many of
+     the prompt's leading blocks it already caches (those are not sent).
   2. waiting -> prefilling: the engine batches it with other prompts under the
      token budget (chunked when long, cached prefix blocks skipped) and samples
      the first token; the request's blocks are *held* (not freed) at the end.
-  3. transferring: one NIXL WRITE of the prompt's blocks into the decode
+  3. transferring: one NIXL WRITE of the prompt's remaining blocks into the decode
      worker's blocks, carrying a notification ``[req_id, first_token]``;
      bounded by ``transfer_timeout_s``.
   4. done: the held blocks are released (they stay as prefix cache) and the
@@ -49,10 +50,13 @@ class PrefillWorker(EngineWorker):
             prefill_s = time.monotonic() - t0
             first_token = final.token_ids[0]
             num_blocks = -(-len(prompt_ids) // self.engine.block_size)
-            src = final.kv_block_ids[:num_blocks]
-            dst = list(req["dst_block_ids"])[:num_blocks]
-            if len(dst) < num_blocks:
-                raise ValueError(f"decode worker reserved {len(dst)} blocks, the prompt needs {num_blocks}")
+            skip = int(req.get("dst_num_cached_blocks", 0))  # leading blocks the decode worker already holds
+            if not 0 <= skip < num_blocks:
+                raise ValueError(f"decode worker claims {skip} cached blocks of a {num_blocks}-block prompt")
+            src = final.kv_block_ids[skip:num_blocks]
+            dst = list(req["dst_block_ids"])[: num_blocks - skip]
+            if len(dst) < num_blocks - skip:
+                raise ValueError(f"decode worker reserved {len(dst)} blocks, the prompt needs {num_blocks - skip} more")
             notif = msgpack.packb([req_id, first_token])
             handle = self.agent.write_blocks(req["decode_worker_id"], src, dst, notif)
             try:

@@ -144,7 +144,7 @@ class Router:
                     yield chunk
             return
         try:
-            dst = await asyncio.wait_for(_call(d.reserve, req.req_id, len(req.prompt_token_ids)), self.call_timeout_s)
+            dst = await asyncio.wait_for(_call(d.reserve_for, req.req_id, req.prompt_token_ids), self.call_timeout_s)
         except BaseException as e:
             if not isinstance(e, (WorkerBusy, ValueError)):
                 # no answer (timeout, cancelled, worker error): D may still make the reservation after we
@@ -156,7 +156,8 @@ class Router:
         self.metrics.routed.labels(d_id, "decode").inc()
         self.metrics.routed.labels(p_id, "prefill").inc()
         p = self.registry.handle(p_id)
-        prefill_call = p.prefill.remote({**body, "decode_worker_id": d_id, "dst_block_ids": dst})
+        prefill_call = p.prefill.remote({**body, "decode_worker_id": d_id, "dst_block_ids": dst["block_ids"],
+                                         "dst_num_cached_blocks": dst["num_cached_blocks"]})
         try:
             result = await asyncio.wait_for(_as_awaitable(prefill_call), self.prefill_timeout_s)
         except BaseException as e:

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from splitserve import SamplingParams
+from splitserve.engine.block_pool import NoFreeBlocks
 from tests.helpers import assert_no_leaks
 
 pytestmark = pytest.mark.engine
@@ -304,3 +305,25 @@ def test_metrics_time_to_first_token_is_positive(llm):
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
         assert m.e2e_latency >= m.time_to_first_token
         assert m.num_preemptions == 0
+
+
+def test_reserve_prompt_reuses_cached_leading_blocks_but_never_the_last(make_llm, tiny_model):
+    engine = make_llm(tiny_model, num_kv_blocks=12).engine
+    bs = engine.block_size
+    prompt = list(range(5, 5 + 3 * bs))  # exactly 3 full blocks
+    k, blocks = engine.reserve_prompt("a", prompt)
+    assert (k, len(blocks)) == (0, 3)  # nothing cached yet
+    engine.add_prefilled_request("a", prompt, 7, SamplingParams(max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    k, blocks = engine.reserve_prompt("b", prompt)
+    assert (k, len(blocks)) == (2, 1)  # the last block always comes over the wire
+    k2, blocks2 = engine.reserve_prompt("c", prompt + [9] * bs)
+    assert (k2, len(blocks2)) == (3, 1)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.reserve_prompt("b", prompt)
+    free = engine.pool.num_free_blocks
+    with pytest.raises(NoFreeBlocks):
+        engine.reserve_prompt("huge", prompt + list(range(5, 5 + 10 * bs)))
+    assert engine.pool.num_free_blocks == free  # the cached blocks it looked up were given back
+    assert engine.release_reservation("b") and engine.release_reservation("c")

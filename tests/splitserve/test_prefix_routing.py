@@ -94,3 +94,35 @@ def test_cache_summary_is_resent_only_when_the_cache_changed(aio, workers):
         assert changed["prefix_hashes"] == [] and changed["prefix_version"] != first["prefix_version"]
 
     aio.run(body())
+
+
+def test_decode_worker_reuses_its_cached_prefix_and_receives_only_the_rest(aio, workers, tiny_model, reference):
+    p, d = workers["b"], workers["d"]
+    per_block = p.agent.layout.bytes_per_block
+
+    async def body():
+        for w in (p, d):
+            await w.reset_prefix_cache()
+        # routing by prefix off: every prompt goes through the prefill worker (a prompt the decode worker
+        # holds whole would otherwise be prefilled there), which shows the reuse is the decode engine's own
+        async with Stack(tiny_model, [p], [d], routing={"prefix_aware": False}) as s:
+            first = DOCUMENT + question(20)  # 116 tokens = 8 blocks, all sent
+            before = p.transfer_bytes
+            got, _ = await collect(s.core, first, greedy(MAX_TOKENS))
+            assert got == reference.tokens(first, MAX_TOKENS)
+            assert p.transfer_bytes - before == 8 * per_block
+            hits = d.engine.pool.num_prefix_hits
+            second = DOCUMENT + question(30)  # 126 tokens = 8 blocks; the document's 6 are on D already
+            before = p.transfer_bytes
+            got, chunks = await collect(s.core, second, greedy(MAX_TOKENS))
+            assert got == reference.tokens(second, MAX_TOKENS)
+            assert p.transfer_bytes - before == 2 * per_block, "the document's blocks were sent again"
+            assert d.engine.pool.num_prefix_hits - hits == 6
+            assert chunks[0]["num_cached_tokens"] == 6 * 16
+            # a prompt that is exactly the cached blocks still sends its last block (and so its notification)
+            before = p.transfer_bytes
+            got, _ = await collect(s.core, DOCUMENT, greedy(MAX_TOKENS))
+            assert got == reference.tokens(DOCUMENT, MAX_TOKENS)
+            assert p.transfer_bytes - before == 1 * per_block
+
+    aio.run(body(), timeout_s=120)
