@@ -259,7 +259,6 @@ class LLMEngine:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
             self.scheduler.advance(chunk)
-        outputs = []
         return [self._append_token(chunk.seq, token, now) for chunk, token in zip(sampling, tokens)]
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
