@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -31,6 +31,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.worker_base import EngineWorker, WorkerBusy, output_chunk
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NOTIF_POLL_S = 0.002
 
@@ -52,13 +53,8 @@ class DecodeWorker(EngineWorker):
 
     # ---- reservations ------------------------------------------------------------
     async def reserve(self, req_id: str, num_prompt_tokens: int) -> list[int]:
-        try:
-            blocks = await self.aengine.call(lambda: self.engine.reserve_blocks(req_id, num_prompt_tokens))
-        except NoFreeBlocks as e:
-            raise WorkerBusy(f"decode worker {self.worker_id} has no room for {num_prompt_tokens} prompt tokens: {e}") from e
-        self._reserved_at[req_id] = time.monotonic()
-        self._ensure_poller()
-        return blocks
+        """Set aside fresh blocks for an ``num_prompt_tokens``-token prompt (no prefix reuse)."""
+        return await self._reserve(req_id, num_prompt_tokens, lambda: self.engine.reserve_blocks(req_id, num_prompt_tokens))
 
     async def release(self, req_id: str) -> bool:
         self._reserved_at.pop(req_id, None)
@@ -73,13 +69,18 @@ class DecodeWorker(EngineWorker):
         shared cached ones). Raises ``WorkerBusy`` when the pool cannot hold the rest.
         """
         prompt = list(prompt_token_ids)
+        k, blocks = await self._reserve(req_id, len(prompt), lambda: self.engine.reserve_prompt(req_id, prompt))
+        return {"num_cached_blocks": k, "block_ids": blocks}
+
+    async def _reserve(self, req_id: str, num_prompt_tokens: int, reserve: Callable[[], T]) -> T:
+        """Run an engine reservation between steps, turn a full pool into ``WorkerBusy``, start the reaper."""
         try:
-            k, blocks = await self.aengine.call(lambda: self.engine.reserve_prompt(req_id, prompt))
+            result = await self.aengine.call(reserve)
         except NoFreeBlocks as e:
-            raise WorkerBusy(f"decode worker {self.worker_id} has no room for {len(prompt)} prompt tokens: {e}") from e
+            raise WorkerBusy(f"decode worker {self.worker_id} has no room for {num_prompt_tokens} prompt tokens: {e}") from e
         self._reserved_at[req_id] = time.monotonic()
         self._ensure_poller()
-        return {"num_cached_blocks": k, "block_ids": blocks}
+        return result
 
     # ---- KV arrival ----------------------------------------------------------------
     def _ensure_poller(self) -> None:

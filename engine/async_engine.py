@@ -134,7 +134,10 @@ class AsyncEngine:
             await self.call(add)  # outputs it returns arrive through the queue, in order
             pending = None  # an error met while coalescing: raised after the outputs before it
             while True:
-                item, pending = (pending, None) if pending is not None else (await q.get(), None)
+                if pending is not None:
+                    item, pending = pending, None
+                else:
+                    item = await q.get()
                 if isinstance(item, Exception):
                     raise item
                 while coalesce and not item.finished and not q.empty():
@@ -176,4 +179,3 @@ def _resolve(fut: asyncio.Future, result: Any, error: Exception | None) -> None:
         fut.set_exception(error)
     else:
         fut.set_result(result)
-

@@ -140,13 +140,7 @@ class LLMEngine:
 
     def reserve_blocks(self, req_id: str, num_tokens: int) -> list[int]:
         """Decode side: set aside blocks for ``num_tokens`` of incoming KV; raises ``NoFreeBlocks``."""
-        if req_id in self._reserved or req_id in self._seqs:
-            raise ValueError(f"request id {req_id!r} is already in use")
-        if num_tokens < 1 or num_tokens >= self.max_model_len:
-            raise ValueError(f"cannot reserve KV for {num_tokens} tokens; the model's context is {self.max_model_len} tokens")
-        blocks = self.pool.allocate(-(-num_tokens // self.block_size))
-        self._reserved[req_id] = blocks
-        return blocks
+        return self._reserve(req_id, num_tokens, None)[1]
 
     def reserve_prompt(self, req_id: str, prompt_ids: Seq[int]) -> tuple[int, list[int]]:
         """Decode side, prefix-aware: reuse the cached leading blocks of the prompt, reserve the rest.
@@ -157,18 +151,19 @@ class LLMEngine:
         notification, always happen), and cached blocks are never written into:
         other running sequences may be reading them. Raises ``NoFreeBlocks``.
         """
-        n = len(prompt_ids)
+        return self._reserve(req_id, len(prompt_ids), prompt_ids)
+
+    def _reserve(self, req_id: str, num_tokens: int, prompt_ids: Seq[int] | None) -> tuple[int, list[int]]:
         if req_id in self._reserved or req_id in self._seqs:
             raise ValueError(f"request id {req_id!r} is already in use")
-        if n < 1 or n >= self.max_model_len:
-            raise ValueError(f"cannot reserve KV for {n} tokens; the model's context is {self.max_model_len} tokens")
-        num_blocks = -(-n // self.block_size)
+        if num_tokens < 1 or num_tokens >= self.max_model_len:
+            raise ValueError(f"cannot reserve KV for {num_tokens} tokens; the model's context is {self.max_model_len} tokens")
         cached: list[int] = []
-        if self.pool.enable_prefix_caching:
-            reusable = (n - 1) // self.block_size  # full blocks before the one holding the last prompt token
+        if prompt_ids is not None and self.pool.enable_prefix_caching:
+            reusable = (num_tokens - 1) // self.block_size  # full blocks before the one holding the last prompt token
             cached = self.pool.lookup_prefix(compute_block_hashes(list(prompt_ids[: reusable * self.block_size]), self.block_size))
         try:
-            new = self.pool.allocate(num_blocks - len(cached))
+            new = self.pool.allocate(-(-num_tokens // self.block_size) - len(cached))
         except NoFreeBlocks:
             self.pool.free(cached)
             raise

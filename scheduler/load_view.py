@@ -93,16 +93,12 @@ class LoadView:
         decoder = self._loads[decision.decode_worker_id]
         decode_blocks = blocks_needed(n, decoder.block_size)
         if decision.prefill_worker_id is None:
-            self.reserve(decoder.worker_id, decode_blocks, self._uncached(decoder, request))
+            self.reserve(decoder.worker_id, decode_blocks, uncached_prompt_tokens(request, decoder))
             return
         self.reserve(decoder.worker_id, decode_blocks, 0)
         prefiller = self._loads[decision.prefill_worker_id]
         prefill_blocks = -(-n // prefiller.block_size)
-        self.reserve(prefiller.worker_id, prefill_blocks, self._uncached(prefiller, request))
-
-    @staticmethod
-    def _uncached(load: WorkerLoad, request: PairRequest) -> int:
-        return uncached_prompt_tokens(request, load)
+        self.reserve(prefiller.worker_id, prefill_blocks, uncached_prompt_tokens(request, prefiller))
 
     def _view(self, load: WorkerLoad, now: float) -> WorkerLoad:
         is_fresh = now - load.updated_at <= self.max_age_s

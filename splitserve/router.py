@@ -32,7 +32,9 @@ from typing import Any
 from splitserve.engine.block_pool import compute_block_hashes
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.metrics import Metrics
-from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PairDecision, PairingPolicy, PairRequest, WorkerBusy
+from splitserve.scheduler import (
+    LeastLoadedPolicy, NoWorkerAvailable, PairDecision, PairingPolicy, PairRequest, WorkerBusy, WorkerLoad,
+)
 from splitserve.scheduler.worker_registry import WorkerRegistry, _call
 
 logger = logging.getLogger(__name__)
@@ -66,28 +68,29 @@ class Router:
         self.prefill_timeout_s = prefill_timeout_s
         self.call_timeout_s = call_timeout_s
 
-    def _pair_request(self, req: RoutedRequest) -> PairRequest:
+    def _pair_request(self, req: RoutedRequest, loads: list[WorkerLoad]) -> PairRequest:
         return PairRequest(
-            req.req_id, len(req.prompt_token_ids), req.params.max_tokens, block_hashes=self._block_hashes(req),
+            req.req_id, len(req.prompt_token_ids), req.params.max_tokens, block_hashes=self._block_hashes(req, loads),
             priority=req.priority, tenant=req.tenant,
         )
 
-    def _block_hashes(self, req: RoutedRequest) -> list[int]:
-        """The prompt's chained block hashes (the engine's own), once per request; [] when no worker reports a cache."""
+    @staticmethod
+    def _block_hashes(req: RoutedRequest, loads: list[WorkerLoad]) -> list[int]:
+        """The prompt's chained block hashes (the engine's own), once per request; [] while no worker reports a cache."""
         if req.block_hashes is None:
-            loads = self.registry.loads()
-            if not getattr(self.registry, "track_prefixes", False) or not any(w.prefix_hashes for w in loads):
+            if not any(w.prefix_hashes for w in loads):
                 return []
             req.block_hashes = compute_block_hashes(req.prompt_token_ids, loads[0].block_size)
         return req.block_hashes
 
     def check_capacity(self, req: RoutedRequest) -> None:
         """Raise ``NoWorkerAvailable`` now if no worker could take ``req`` (lets HTTP answer 503 before streaming)."""
-        self.policy.pick(self._pair_request(req), self.registry.loads(), frozenset())
+        loads = self.registry.loads()
+        self.policy.pick(self._pair_request(req, loads), loads, frozenset())
 
     def _pick(self, req: RoutedRequest, exclude: set[str], force_local: bool) -> PairDecision:
-        pair_req = self._pair_request(req)
         loads = self.registry.loads()
+        pair_req = self._pair_request(req, loads)
         if force_local:
             loads = [w for w in loads if w.worker_id not in self.registry.prefill]
         decision = self.policy.pick(pair_req, loads, frozenset(exclude))

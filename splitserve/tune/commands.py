@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -180,14 +181,9 @@ def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profi
     print("\n".join(lines))
     if errs:
         print(f"simulator vs measured goodput: mean |error| {sum(errs) / len(errs):.0f}% over {len(errs)} points "
-              f"(median {_median(errs):.0f}%); TTFT and ITL p50: mean |error| {sum(lat_errs) / max(len(lat_errs), 1):.0f}%")
+              f"(median {statistics.median(errs):.0f}%); TTFT and ITL p50: mean |error| {sum(lat_errs) / max(len(lat_errs), 1):.0f}%")
     if held_out:
         print(f"held out (not used to calibrate; * marks the points that were): mean |error| "
-              f"{sum(held_out) / len(held_out):.0f}%, median {_median(held_out):.0f}% over {len(held_out)} points")
+              f"{sum(held_out) / len(held_out):.0f}%, median {statistics.median(held_out):.0f}% over {len(held_out)} points")
     return 0
 
-
-def _median(values: list[float]) -> float:
-    import statistics
-
-    return statistics.median(values)
