@@ -197,7 +197,7 @@ def main() -> None:
     if args.model is None:
         from splitserve.engine.default_model import default_model_path
 
-        args.model = str(default_model_path("small"))
+        args.model = str(default_model_path())
     mc = ModelConfig.from_pretrained(args.model)
     vocab, itemsize = mc.vocab_size, 2
     rng = random.Random(0)

@@ -146,7 +146,7 @@ def main() -> int:
         sys.path.insert(0, str(ROOT))
         from splitserve.engine.default_model import default_model_path
 
-        model = str(default_model_path("small"))
+        model = str(default_model_path())
     systems = args.systems.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
     rows = []

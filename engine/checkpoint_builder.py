@@ -2,10 +2,12 @@
 
 No model can be fetched on the machines this project runs on, so the project
 makes its own: a byte-level BPE tokenizer trained on an embedded English corpus
-(``tokenizer_corpus.txt``), and a Llama, Qwen2 or Mistral model built with
+(``tokenizer_corpus.txt``), and a Llama, Qwen2, Qwen3 or Mistral model built with
 transformers' own classes, filled with deterministic random weights, and saved
-with ``save_pretrained`` (safetensors, optionally sharded). The same arguments
-and seed give the same files byte for byte.
+with ``save_pretrained`` (safetensors, optionally sharded). ``config.json`` is
+exactly what the installed transformers writes (5.x: ``rope_parameters`` and
+``dtype``), nothing added. The same arguments and seed give the same files byte
+for byte.
 
 Why a custom initialisation: the tests compare greedy decoding token for token
 between our engine and ``transformers.generate``. With the usual init (std 0.02)
@@ -67,7 +69,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 # Initialisation knobs (see the module docstring); measured, not derived.
 _EMBED_STD = 1.0
@@ -197,7 +199,7 @@ def build_checkpoint(
         bos_token_id=special_ids["bos"],
         eos_token_id=special_ids["eos"],
         pad_token_id=special_ids["pad"],
-        torch_dtype=torch_dtype,
+        dtype=torch_dtype,
     )
     model_cls = _model_class(architecture)
     with torch.random.fork_rng(devices=[]):
@@ -215,7 +217,6 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     save_kwargs: dict[str, Any] = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, **save_kwargs)
-    _add_legacy_config_keys(out / "config.json", rope_theta, rope_scaling, torch_dtype)
     report("save")
     save_tokenizer(tokenizer, out)
     report("tokenizer")
@@ -317,18 +318,22 @@ def _special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     return ids
 
 
-def _make_config(architecture: str, *, head_dim: int | None, sliding_window: int | None, **kwargs: Any) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+def _make_config(
+    architecture: str, *, head_dim: int | None, sliding_window: int | None, rope_theta: float, rope_scaling: dict[str, Any] | None, **kwargs: Any
+) -> Any:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    if kwargs["rope_scaling"] is None:
-        kwargs.pop("rope_scaling")
+    kwargs["rope_parameters"] = {**(rope_scaling or {"rope_type": "default"}), "rope_theta": float(rope_theta)}
+    if head_dim is None and architecture == "Qwen3ForCausalLM":
+        head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]  # Qwen3Config would default to 128
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if architecture == "LlamaForCausalLM":
         return LlamaConfig(architectures=[architecture], **kwargs)
     if architecture == "MistralForCausalLM":
         return MistralConfig(architectures=[architecture], sliding_window=sliding_window, **kwargs)
-    return Qwen2Config(architectures=[architecture], use_sliding_window=False, sliding_window=None, **kwargs)
+    qwen = Qwen3Config if architecture == "Qwen3ForCausalLM" else Qwen2Config
+    return qwen(architectures=[architecture], use_sliding_window=False, sliding_window=None, **kwargs)
 
 
 def _model_class(architecture: str) -> type[PreTrainedModel]:
@@ -347,21 +352,6 @@ def _generation_config(special_ids: dict[str, Any]) -> Any:
         pad_token_id=special_ids["pad"],
         do_sample=False,
     )
-
-
-def _add_legacy_config_keys(path: Path, rope_theta: float, rope_scaling: dict[str, Any] | None, torch_dtype: str) -> None:
-    """Keep config.json readable by loaders written for transformers 4.x as well as 5.x.
-
-    transformers 5 writes ``dtype`` and ``rope_parameters``; 4.x and most
-    third-party loaders read ``torch_dtype``, ``rope_theta`` and ``rope_scaling``.
-    Both spellings are written (5.x accepts the old keys).
-    """
-    config = json.loads(path.read_text())
-    config.setdefault("torch_dtype", torch_dtype)
-    config.setdefault("dtype", torch_dtype)
-    config.setdefault("rope_theta", float(rope_theta))
-    config.setdefault("rope_scaling", dict(rope_scaling) if rope_scaling is not None else None)
-    _write_json(path, config)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

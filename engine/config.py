@@ -7,6 +7,7 @@ of KV blocks) are resolved by ``resolve_*`` helpers when the engine starts.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Literal
 
@@ -15,11 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from splitserve.engine.model_config import ModelConfig, parse_dtype
 
+logger = logging.getLogger(__name__)
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str | None = Field(None, description="HF checkpoint directory; None = the embedded default model")
+    model: str | None = Field(None, description="HF checkpoint directory; None = the default model, SmolLM2-135M-Instruct")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16; auto = the checkpoint's dtype")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     attention_backend: Literal["auto", "torch", "flash"] = "auto"
@@ -33,6 +36,7 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None = torch's default")
+    deterministic: bool = Field(False, description="batch-invariant numerics: a request's output does not depend on what runs beside it")
 
     @field_validator("dtype")
     @classmethod
@@ -47,6 +51,19 @@ class EngineConfig(BaseModel):
         if v is not None and v & (v - 1):
             raise ValueError(f"block_size must be a power of two (e.g. 16), got {v}")
         return v
+
+
+def resolve_max_model_len(requested: int | None, model: ModelConfig) -> int:
+    """The context limit: ``requested`` if the model runs it exactly, else a ValueError saying why not."""
+    limit = model.max_context_len
+    if requested is None:
+        if model.context_limit_reason:
+            logger.warning("context limited to %d tokens: %s", limit, model.context_limit_reason)
+        return limit
+    if requested > limit:
+        why = model.context_limit_reason or f"the checkpoint's max_position_embeddings is {model.max_position_embeddings}"
+        raise ValueError(f"max_model_len={requested} is longer than this model can run: {why}; set max_model_len <= {limit}")
+    return requested
 
 
 def resolve_device(cfg: EngineConfig) -> torch.device:

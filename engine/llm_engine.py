@@ -19,7 +19,7 @@ import torch
 
 from splitserve.engine.batch_scheduler import BatchScheduler, SchedulerOutput
 from splitserve.engine.block_pool import BlockPool, NoFreeBlocks, compute_block_hashes
-from splitserve.engine.config import EngineConfig
+from splitserve.engine.config import EngineConfig, resolve_max_model_len
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.model_runner import ModelRunner
@@ -46,7 +46,7 @@ class LLMEngine:
         self.model_path = resolve_model_path(cfg.model)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         mc = self.model_config
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(cfg.max_model_len, mc)
         self.tokenizer = load_tokenizer(self.model_path)
         self.runner = ModelRunner(cfg, self.model_path, mc, self.max_model_len)
         self.block_size = self.runner.block_size

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Qwen2, Mistral) over a paged KV cache.
+"""The Llama-family decoder (Llama, Qwen2, Qwen3, Mistral) over a paged KV cache.
 
 One ``forward`` runs a packed step: decodes and prefill chunks of many sequences
 flattened into one token batch. Each layer writes its new K/V into the cache by
@@ -96,12 +96,13 @@ class LlamaModel:
         self.attention = attention
         self.dtype = dtype
         self.device = device
-        self.rope = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device, dtype)
+        self.rope = RotaryEmbedding(config.rope_inv_freq, config.rope_attention_factor, max_positions, device, dtype)
         self.scale = config.head_dim**-0.5
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.linears = [
-            LayerLinears(Linear(lw.qkv, lw.qkv_bias), Linear(lw.o_proj), Linear(lw.gate_up), Linear(lw.down)) for lw in weights.layers
+            LayerLinears(Linear(lw.qkv, lw.qkv_bias), Linear(lw.o_proj, lw.o_proj_bias), Linear(lw.gate_up), Linear(lw.down))
+            for lw in weights.layers
         ]
         self.lm_head = Linear(weights.lm_head)
         # float32 activations for big steps only where the bf16 GEMM is the slow one (no AMX tiles)
@@ -133,8 +134,11 @@ class LlamaModel:
         h = w.embed[input_ids].to(act_dtype)  # float32 steps keep the residual stream in float32 too
         for i, (layer, lin) in enumerate(zip(w.layers, self.linears)):
             qkv = lin.qkv(rms_norm(h, layer.input_norm, eps, act_dtype))
-            # q and k sit side by side in qkv: rotate both heads' worth in one pass
-            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, num_qk_heads, cfg.head_dim), cos, sin)
+            # q and k sit side by side in qkv: (normalise and) rotate both heads' worth in one pass
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, num_qk_heads, cfg.head_dim)
+            if layer.qk_norm is not None:
+                qk = rms_norm(qk, layer.qk_norm, eps)
+            qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             write_kv(kv_cache, i, k, v, meta.slot_mapping)

@@ -4,8 +4,8 @@
     splitserve generate --prompt "..." [--model DIR] offline generation with the in-process engine
     splitserve serve [--model DIR] [--mode ...]      the disaggregated OpenAI-compatible server
 
-Every sub-command that takes ``--model`` falls back to the embedded default
-checkpoint (built once into ``$SPLITSERVE_CACHE``) when none is given.
+Every sub-command that takes ``--model`` falls back to the default model,
+SmolLM2-135M-Instruct (converted once into ``$SPLITSERVE_CACHE``), when none is given.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
-    from splitserve.engine.default_model import MODEL_SIZES, make_model
+    from splitserve.engine.random_models import MODEL_SIZES, make_model
 
     if args.size not in MODEL_SIZES:
         print(f"error: --size must be one of {', '.join(MODEL_SIZES)}", file=sys.stderr)
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(func=_cmd_make_model)
 
     gen = sub.add_parser("generate", help="offline generation with the in-process engine")
-    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded model)")
+    gen.add_argument("--model", default=None, help="HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-tokens", type=int, default=32)

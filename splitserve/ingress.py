@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from splitserve import openai_protocol as oai
 from splitserve.config import ServeConfig
 from splitserve.engine.aio import cancel_and_wait
+from splitserve.engine.config import resolve_max_model_len
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.metrics import Metrics
@@ -57,11 +58,11 @@ class IngressCore:
         self.cfg = cfg
         self.model_path = model_path
         mc = ModelConfig.from_pretrained(model_path)
-        self.max_model_len = min(cfg.engine.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(cfg.engine.max_model_len, mc)
         self.vocab_size = mc.vocab_size
         self.tokenizer = load_tokenizer(model_path)
         self.served_name = cfg.http.served_model_name or _default_name(cfg, model_path)
-        self.model_names = list(dict.fromkeys([self.served_name, model_path, cfg.engine.model or model_path]))
+        self.model_names = list(dict.fromkeys([self.served_name, model_path, cfg.engine.model or model_path, *_aliases(cfg)]))
         self.metrics = Metrics()
         r = cfg.routing
         self.registry = WorkerRegistry(
@@ -162,6 +163,15 @@ class IngressCore:
             raise
         finally:
             m.requests.labels(status, tenant).inc()
+
+
+def _aliases(cfg: ServeConfig) -> tuple[str, ...]:
+    """Other names clients may use for the default model (its Hub id)."""
+    if cfg.engine.model is not None:
+        return ()
+    from splitserve.engine.default_model import DEFAULT_MODEL_ALIASES
+
+    return DEFAULT_MODEL_ALIASES
 
 
 def _default_name(cfg: ServeConfig, model_path: str) -> str:
@@ -287,7 +297,7 @@ def build_http_app(core: IngressCore) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return oai.models_list(core.model_names)
+        return oai.models_list([core.served_name])  # other accepted names (the checkpoint path) are not advertised
 
     @app.get("/health")
     async def health() -> Response:

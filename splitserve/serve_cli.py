@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible server (disaggregated by default)")
     p.add_argument("--config", default=None, help="splitserve YAML config (flags below override it)")
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded model)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--mode", choices=["disaggregated", "aggregated"], default=None)
     p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
     p.add_argument("--decode", type=int, default=None, help="decode (or aggregated) workers (default 1)")
@@ -68,12 +68,8 @@ def deploy(cfg, ready_timeout_s: float = 600.0) -> str:
     from ray import serve
 
     from splitserve.app import build_app
-    from splitserve.engine.llm_engine import resolve_model_path
 
-    from splitserve.engine.model_config import ModelConfig
-
-    # fail fast on a bad model path; build the default checkpoint here before the workers race for it
-    ModelConfig.from_pretrained(resolve_model_path(cfg.engine.model))
+    check_model(cfg)  # fail fast on a bad checkpoint; build the default one here before the workers race for it
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
@@ -90,14 +86,21 @@ def deploy(cfg, ready_timeout_s: float = 600.0) -> str:
     raise TimeoutError(f"splitserve did not become healthy within {ready_timeout_s:.0f} s (see the Ray logs)")
 
 
+def check_model(cfg) -> None:
+    """Refuse, with a ValueError naming the field, a checkpoint or context length the engine cannot run
+    exactly (config and tensor shapes; no weights read). Builds the default model if it is missing."""
+    from splitserve.engine.config import resolve_max_model_len
+    from splitserve.engine.llm_engine import resolve_model_path
+    from splitserve.engine.weights import inspect_checkpoint
+
+    resolve_max_model_len(cfg.engine.max_model_len, inspect_checkpoint(resolve_model_path(cfg.engine.model)))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     cfg = config_from_args(args)
-    if cfg.engine.model is not None:
-        from splitserve.engine.model_config import ModelConfig
-
-        ModelConfig.from_pretrained(cfg.engine.model)  # a clear error before Ray starts
+    check_model(cfg)  # a clear error before Ray starts
     start_ray(cfg)
     url = deploy(cfg, args.ready_timeout)
     workers = f"{cfg.num_prefill_workers} prefill + {cfg.num_decode} decode" if cfg.mode == "disaggregated" else f"{cfg.num_decode} aggregated"

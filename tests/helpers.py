@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 
 
@@ -40,3 +44,35 @@ def hf_model(model_path: str, dtype=torch.float32):
     if key not in _HF_MODELS:
         _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
     return _HF_MODELS[key]
+
+
+def legacy_config(config: dict) -> dict:
+    """A transformers-5 config.json rewritten the way transformers 4.x wrote it.
+
+    ``rope_parameters`` becomes ``rope_theta`` plus ``rope_scaling`` (with the old
+    ``type`` key for yarn/linear/dynamic, as Qwen2.5 and older checkpoints have it),
+    ``dtype`` becomes ``torch_dtype``, Qwen's ``layer_types`` becomes
+    ``use_sliding_window: false`` with an (inactive) window, as Qwen2.5 ships it.
+    """
+    old = dict(config)
+    rope = dict(old.pop("rope_parameters"))
+    old["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type", "default")
+    old["rope_scaling"] = None if kind == "default" else ({"rope_type": kind, **rope} if kind == "llama3" else {"type": kind, **rope})
+    old["torch_dtype"] = old.pop("dtype")
+    if old.get("model_type") in ("qwen2", "qwen3"):
+        old.pop("layer_types", None)
+        old.update(use_sliding_window=False, sliding_window=4096, max_window_layers=old["num_hidden_layers"])
+    old["transformers_version"] = "4.46.0"
+    return old
+
+
+def legacy_copy(src: str | Path, dst: Path) -> Path:
+    """A checkpoint directory sharing ``src``'s files except config.json, which is in the 4.x spelling."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name != "config.json":
+            os.symlink(item, dst / item.name)
+    (dst / "config.json").write_text(json.dumps(legacy_config(json.loads((src / "config.json").read_text())), indent=2))
+    return dst

@@ -54,7 +54,7 @@ def _workload(args: argparse.Namespace):
 
 def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="measure goodput of prefill:decode splits on this machine (CSV + plots + best split)")
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded small model)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     _workload_args(p)
     p.add_argument("--rates", type=_floats, default=[0.25, 0.5, 1.0], help="request rates (req/s), comma-separated")
     p.add_argument("--units", type=int, default=os.cpu_count() or 1, help="resource units to split; one per worker (default: CPU count)")

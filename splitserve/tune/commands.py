@@ -1,6 +1,6 @@
 """What ``splitserve tune`` does, step by step (the argument parsing is in ``cli.py``).
 
-1. resolve the model (default: the embedded ``small`` checkpoint);
+1. resolve the model (default: SmolLM2-135M-Instruct, see ``engine/default_model``);
 2. ``--profile-only``: measure this machine's curves into ``OUT/profile.json`` and stop;
 3. otherwise sweep every split that fits ``--units`` at every rate (``sweep.run_sweep``)
    under a tqdm bar; with ``--profile``, simulate the same requests on the same
@@ -23,13 +23,13 @@ from splitserve.tune.workload import SLO, Workload
 
 def _model_path(model: str | None) -> str:
     if model is not None:
-        from splitserve.engine.model_config import ModelConfig
+        from splitserve.engine.weights import inspect_checkpoint
 
-        ModelConfig.from_pretrained(model)  # a clear error before anything starts
+        inspect_checkpoint(model)  # a clear error before anything starts
         return model
     from splitserve.engine.default_model import default_model_path
 
-    return str(default_model_path("small"))
+    return str(default_model_path())
 
 
 def profile_only(args: argparse.Namespace) -> int:

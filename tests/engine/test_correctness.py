@@ -1,9 +1,13 @@
 """Greedy output of the engine equals transformers' ``generate`` token for token.
 
-For Llama (llama3 rope scaling), Qwen2 (qkv bias, tied embeddings) and Mistral
-(sharded checkpoint, explicit head_dim), 16 prompts of 1 to 2,000 tokens, run:
-all at once; with chunked prefill forced by a small token budget; arriving while
-others decode; and under KV-pool pressure (preemption and recompute).
+For checkpoints written by transformers itself: Llama (llama3 rope scaling), Qwen2
+(qkv bias, tied embeddings, theta 1e6), Qwen3 (q/k norm, yarn rope, explicit
+head_dim) and Mistral (GQA 8:1, sharded), each in the spelling transformers 5
+writes and in the 4.x spelling Hub checkpoints carry, 16 prompts of 1 to 2,000
+tokens, run: all at once; with chunked prefill forced by a small token budget;
+arriving while others decode; and under KV-pool pressure (preemption and recompute).
+The reference is transformers' ``generate`` on the transformers-5 directory; a
+separate test checks that transformers reads both spellings into the same config.
 """
 
 from __future__ import annotations
@@ -37,20 +41,39 @@ def _vocab(path: str) -> int:
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spelling", ["v5", "legacy"])
 @pytest.mark.parametrize("mode", ["all_at_once", "chunked"])
-def test_greedy_matches_transformers(checkpoints, make_llm, arch, mode):
-    path = checkpoints[arch]
+def test_greedy_matches_transformers(checkpoints, legacy_checkpoints, make_llm, arch, spelling, mode):
+    reference = checkpoints[arch]
+    path = reference if spelling == "v5" else legacy_checkpoints[arch]
     prompts = _prompts(_vocab(path), seed=len(arch))
     budget = 4096 if mode == "all_at_once" else 96
     llm = make_llm(path, max_num_batched_tokens=budget, num_kv_blocks=1024, enable_prefix_caching=False)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for p, o in zip(prompts, outs):
-        assert o.token_ids == hf_greedy(path, p, MAX_TOKENS), f"{arch}/{mode}: prompt of {len(p)} tokens diverged"
+        assert o.token_ids == hf_greedy(reference, p, MAX_TOKENS), f"{arch}/{spelling}/{mode}: prompt of {len(p)} tokens diverged"
         assert o.finish_reason == "length"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_both_spellings_read_alike(checkpoints, legacy_checkpoints, arch):
+    """transformers reads the 4.x and 5.x spellings into the same model, and so does the engine."""
+    from transformers import AutoConfig
+
+    from splitserve.engine.model_config import ModelConfig
+
+    new, old = AutoConfig.from_pretrained(checkpoints[arch]), AutoConfig.from_pretrained(legacy_checkpoints[arch])
+    assert {k: v for k, v in old.rope_parameters.items() if k != "type"} == new.rope_parameters
+    assert old.dtype == new.dtype and getattr(old, "sliding_window", None) == getattr(new, "sliding_window", None)
+    assert getattr(old, "layer_types", None) == getattr(new, "layer_types", None)
+    assert ModelConfig.from_pretrained(legacy_checkpoints[arch]) == ModelConfig.from_pretrained(checkpoints[arch])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_arrivals_mid_run(checkpoints, make_llm, arch):
     """Half the prompts start; the rest join one by one while the first ones decode."""
     path = checkpoints[arch]

@@ -1,4 +1,4 @@
-"""Tests for the checkpoint / tokenizer generator and the cached default models."""
+"""Tests for the checkpoint / tokenizer generator and the cached random-weight models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitserve.engine import default_model
+from splitserve.engine import random_models
 from splitserve.engine.checkpoint_builder import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -22,11 +22,11 @@ from splitserve.engine.checkpoint_builder import (
     build_checkpoint,
     train_tokenizer,
 )
-from splitserve.engine.default_model import (
+from splitserve.engine.random_models import (
     MODEL_SIZES,
     count_parameters,
-    default_model_path,
     make_model,
+    random_model_path,
     served_model_name,
 )
 
@@ -73,7 +73,7 @@ def test_tiny_loads_and_generates(tiny_dir):
     assert len(out) == 16 and all(0 <= t < len(tok) for t in out)
 
     config = json.loads((tiny_dir / "config.json").read_text())
-    assert config["torch_dtype"] == "float32" and config["eos_token_id"] == tok.eos_token_id
+    assert config["dtype"] == "float32" and config["eos_token_id"] == tok.eos_token_id
     gen_config = json.loads((tiny_dir / "generation_config.json").read_text())
     assert gen_config["eos_token_id"] == [tok.eos_token_id, tok.convert_tokens_to_ids(IM_END_TOKEN)]
     assert gen_config["bos_token_id"] == tok.bos_token_id
@@ -145,32 +145,32 @@ def test_builds_are_deterministic(tiny_dir, tmp_path):
     assert (other_seed / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
 
 
-def test_default_model_path_builds_once(tmp_path, monkeypatch):
+def test_random_model_path_builds_once(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITSERVE_CACHE", str(tmp_path))
-    path = default_model_path("tiny")
-    assert path == tmp_path / "models" / "splitserve-tiny-v1"
+    path = random_model_path("tiny")
+    assert path == tmp_path / "models" / "splitserve-tiny-v2"
     mtime = (path / "model.safetensors").stat().st_mtime_ns
 
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(default_model, "make_model", fail)
+    monkeypatch.setattr(random_models, "make_model", fail)
     start = time.perf_counter()
-    assert default_model_path("tiny") == path
+    assert random_model_path("tiny") == path
     assert time.perf_counter() - start < 0.05
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_default_model_path_concurrent_processes(tiny_dir, tmp_path):
+def test_random_model_path_concurrent_processes(tiny_dir, tmp_path):
     """Two processes race (released together after their imports): one build, no debris."""
     go = tmp_path / "go"
     code = (
         "import os, sys, time\n"
-        "from splitserve.engine.default_model import default_model_path\n"
+        "from splitserve.engine.random_models import random_model_path\n"
         "import transformers, torch\n"
         f"print('ready', flush=True)\n"
         f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
-        "print(default_model_path('tiny'), flush=True)\n"
+        "print(random_model_path('tiny'), flush=True)\n"
     )
     env = {**os.environ, "SPLITSERVE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
     procs = [
@@ -186,8 +186,8 @@ def test_default_model_path_concurrent_processes(tiny_dir, tmp_path):
         assert proc.returncode == 0
         paths.append(out.strip())
     models_dir = tmp_path / "cache" / "models"
-    assert paths[0] == paths[1] == str(models_dir / "splitserve-tiny-v1")
-    assert sorted(p.name for p in models_dir.iterdir()) == [".splitserve-tiny-v1.lock", "splitserve-tiny-v1"]
+    assert paths[0] == paths[1] == str(models_dir / "splitserve-tiny-v2")
+    assert sorted(p.name for p in models_dir.iterdir()) == [".splitserve-tiny-v2.lock", "splitserve-tiny-v2"]
     # Built in other processes (other hash seeds): still the same bytes as this one.
     assert _file_bytes(Path(paths[0])) == _file_bytes(tiny_dir)
 
@@ -235,7 +235,8 @@ def test_tied_llama3_rope_scaling(tmp_path):
     }
     path = build_checkpoint(tmp_path / "tied", tie_word_embeddings=True, rope_theta=5e5, rope_scaling=rope_scaling, **TINY)
     config = json.loads((path / "config.json").read_text())
-    assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_theta"] == 5e5
+    assert config["rope_parameters"] == {**rope_scaling, "rope_theta": 5e5}
+    assert "rope_scaling" not in config and "rope_theta" not in config and "torch_dtype" not in config  # as transformers 5 writes it
     model, tok = _load(path)
     assert model.config.tie_word_embeddings and model.config.rope_parameters["rope_type"] == "llama3"
     assert len(set(_greedy(model, tok("The river hums")["input_ids"], 24))) > 12
@@ -250,7 +251,7 @@ def test_make_model_refuses_non_empty_dir(tmp_path):
 
 
 def test_unknown_size_lists_allowed_sizes(tmp_path):
-    for call in (lambda: make_model(tmp_path, "huge"), lambda: default_model_path("huge"), lambda: served_model_name("huge")):
+    for call in (lambda: make_model(tmp_path, "huge"), lambda: random_model_path("huge"), lambda: served_model_name("huge")):
         with pytest.raises(ValueError, match="'huge'.*tiny, small"):
             call()
 
