@@ -12,6 +12,13 @@ On CPUs without AMX, a step of many tokens (prefill) runs its activations and
 residual stream in float32: an fp32 GEMM over upcast bf16 weights is ~1.7x faster
 there than the bf16 kernel, and no bf16 round trips are paid between ops. The
 weights and the KV cache stay in the model dtype.
+
+Deterministic mode (``deterministic=True``) makes a token's numbers independent of
+the batch it is computed in: one activation dtype for every step size, GEMMs whose
+rows do not depend on the number of rows (``kernels.invariant_linear``, probed at
+start-up), the tiled attention of ``kernels.invariant_attention`` for decodes and
+prefill chunks alike, and SiLU through ``exp`` (float32 ``F.silu`` takes a scalar
+code path for a tensor's tail, so its result depended on the tensor's size).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.rope import RotaryEmbedding, apply_rotary
 from splitserve.engine.weights import ModelWeights, load_weights
 from splitserve.kernels import AttentionFn, AttentionMetadata, write_kv
+from splitserve.kernels.invariant_linear import LinearFn, invariant_linear
 
 # Steps with at least this many tokens compute in float32 on CPUs without AMX
 # (measured crossover of fp32-over-upcast-weights vs packed bf16: 64-96 rows).
@@ -83,14 +91,26 @@ class LayerLinears:
 
     __slots__ = ("qkv", "o_proj", "gate_up", "down")
 
-    def __init__(self, qkv: Linear, o_proj: Linear, gate_up: Linear, down: Linear):
+    def __init__(self, qkv: LinearFn, o_proj: LinearFn, gate_up: LinearFn, down: LinearFn):
         self.qkv, self.o_proj, self.gate_up, self.down = qkv, o_proj, gate_up, down
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate).mul_(up)
+
+
+def silu_mul_invariant(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up through ``exp``, whose vectorised and scalar paths agree bit for bit."""
+    return gate.neg().exp_().add_(1).reciprocal_().mul_(gate).mul_(up)
 
 
 class LlamaModel:
     """Weights plus the forward pass; stateless between steps (state lives in the KV cache)."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, attention: AttentionFn, max_positions: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, config: ModelConfig, weights: ModelWeights, attention: AttentionFn, max_positions: int, device: torch.device,
+        dtype: torch.dtype, deterministic: bool = False,
+    ):
         self.config = config
         self.weights = weights
         self.attention = attention
@@ -100,17 +120,23 @@ class LlamaModel:
         self.scale = config.head_dim**-0.5
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
+        linear = invariant_linear if deterministic else Linear
         self.linears = [
-            LayerLinears(Linear(lw.qkv, lw.qkv_bias), Linear(lw.o_proj, lw.o_proj_bias), Linear(lw.gate_up), Linear(lw.down))
+            LayerLinears(linear(lw.qkv, lw.qkv_bias), linear(lw.o_proj, lw.o_proj_bias), linear(lw.gate_up), linear(lw.down))
             for lw in weights.layers
         ]
-        self.lm_head = Linear(weights.lm_head)
-        # float32 activations for big steps only where the bf16 GEMM is the slow one (no AMX tiles)
-        self.fp32_big_steps = device.type == "cpu" and dtype == torch.bfloat16 and not _has_amx()
+        self.lm_head = linear(weights.lm_head)
+        self.silu_mul = silu_mul_invariant if deterministic else silu_mul
+        # float32 activations for big steps only where the bf16 GEMM is the slow one (no AMX tiles); never in
+        # deterministic mode, where a token's numbers must not depend on the size of its step
+        self.fp32_big_steps = device.type == "cpu" and dtype == torch.bfloat16 and not _has_amx() and not deterministic
 
     @classmethod
-    def load(cls, path: str, config: ModelConfig, attention: AttentionFn, max_positions: int, device: torch.device, dtype: torch.dtype) -> "LlamaModel":
-        return cls(config, load_weights(path, config, dtype, device), attention, max_positions, device, dtype)
+    def load(
+        cls, path: str, config: ModelConfig, attention: AttentionFn, max_positions: int, device: torch.device, dtype: torch.dtype,
+        deterministic: bool = False,
+    ) -> "LlamaModel":
+        return cls(config, load_weights(path, config, dtype, device), attention, max_positions, device, dtype, deterministic)
 
     def activation_dtype(self, num_tokens: int) -> torch.dtype:
         return torch.float32 if self.fp32_big_steps and num_tokens >= FP32_MIN_TOKENS else self.dtype
@@ -145,6 +171,6 @@ class LlamaModel:
             attn = self.attention(q, k, v, kv_cache, i, meta, self.scale)
             h += lin.o_proj(attn.reshape(num_tokens, self.q_size))
             gate, up = lin.gate_up(rms_norm(h, layer.post_norm, eps, act_dtype)).chunk(2, dim=-1)
-            h += lin.down(F.silu(gate).mul_(up))
+            h += lin.down(self.silu_mul(gate, up))
         h = rms_norm(h[logits_indices], w.final_norm, eps)
         return self.lm_head(h).float()

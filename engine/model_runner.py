@@ -17,6 +17,7 @@ from splitserve.engine.config import EngineConfig, resolve_device, resolve_dtype
 from splitserve.engine.model import LlamaModel
 from splitserve.engine.model_config import ModelConfig
 from splitserve.kernels import FLASH_BLOCK_SIZE_MULTIPLE, AttentionMetadata, PrefillChunk, kv_cache_shape, select_attention
+from splitserve.kernels.invariant_attention import invariant_attention
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,16 @@ class ModelRunner:
         self.attention_name, attention = select_attention(self.device, prefer_flash)
         if cfg.attention_backend == "flash" and self.attention_name != "flash":
             raise ValueError("attention_backend='flash' needs a CUDA device and the flash-attn package (pip install 'splitserve[gpu]')")
+        if cfg.deterministic:
+            if cfg.attention_backend == "flash":
+                raise ValueError("deterministic: true uses its own batch-invariant attention; drop attention_backend='flash'")
+            self.attention_name, attention = "invariant", invariant_attention
         default_bs = FLASH_BLOCK_SIZE_MULTIPLE if self.attention_name == "flash" else 16
         self.block_size = cfg.block_size or default_bs
         if self.attention_name == "flash" and self.block_size % FLASH_BLOCK_SIZE_MULTIPLE:
             raise ValueError(f"flash-attn paged kernels need block_size to be a multiple of {FLASH_BLOCK_SIZE_MULTIPLE}, got {self.block_size}")
         self.model_config = model_config
-        self.model = LlamaModel.load(model_path, model_config, attention, max_model_len, self.device, self.dtype)
+        self.model = LlamaModel.load(model_path, model_config, attention, max_model_len, self.device, self.dtype, cfg.deterministic)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         self.bytes_per_block = 2 * model_config.num_layers * self.block_size * model_config.num_kv_heads * model_config.head_dim * itemsize
         self.num_blocks = resolve_num_blocks(cfg, self.bytes_per_block, self.device)

@@ -30,7 +30,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from splitserve import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, deterministic=args.deterministic)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     prompts = args.prompt or ["The quick brown fox"]
     for out in llm.generate(prompts, params, use_tqdm=len(prompts) > 1):
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--deterministic", action="store_true", help="batch-invariant numerics (see README)")
     gen.set_defaults(func=_cmd_generate)
 
     try:

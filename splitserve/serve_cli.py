@@ -29,6 +29,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (GPU clusters)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="batch-invariant numerics: a request's output does not depend on what runs beside it (slower)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the workers")
     p.set_defaults(func=run_serve)
 
@@ -41,7 +43,7 @@ def config_from_args(args: argparse.Namespace):
         "engine.model": args.model, "mode": args.mode, "num_prefill": args.prefill, "num_decode": args.decode,
         "http.host": args.host, "http.port": args.port, "http.api_key": args.api_key, "http.served_model_name": args.served_model_name,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
-        "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes, "engine.deterministic": args.deterministic,
         "prefill_resources.num_cpus": args.worker_cpus, "decode_resources.num_cpus": args.worker_cpus,
         "prefill_resources.num_gpus": args.worker_gpus, "decode_resources.num_gpus": args.worker_gpus,
     }
