@@ -10,7 +10,9 @@ One run measures, on the same checkpoint and dtype, in this order:
    and achieved GFLOP/s (matmul + causal attention FLOPs) against the GEMM peak;
 3. decode: one engine step at several batch sizes against the memory floor
    (weights + KV bytes read per step over the copy bandwidth);
-4. offline: the same prompt set through ``LLM.generate`` and through transformers'
+4. deterministic mode's cost: prefill and decode again with ``deterministic=True``
+   (batch-invariant GEMMs and attention), as a ratio to the default engine;
+5. offline: the same prompt set through ``LLM.generate`` and through transformers'
    ``generate`` (left-padded, one batched call; sequential on a few prompts).
 
 Prints one markdown table with ratios against the bounds and baselines of the same
@@ -37,7 +39,7 @@ from splitserve.engine.model_config import ModelConfig
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded 'small' model, ~82M params)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the default model, SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (default: torch's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     p.add_argument("--prefill-len", type=int, default=1024)
@@ -51,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--offline-repeats", type=int, default=2)
     p.add_argument("--hf-sequential", type=int, default=2, help="prompts for the one-at-a-time transformers run (0: skip)")
     p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
+    p.add_argument("--skip-deterministic", action="store_true", help="do not measure deterministic mode's cost")
     return p.parse_args()
 
 
@@ -187,6 +190,25 @@ def measure_offline(llm: LLM, args: argparse.Namespace, prompts: list[list[int]]
     return statistics.median(ours), statistics.median(theirs), seq_rate, hf.config._attn_implementation
 
 
+def deterministic_rows(args, mc: ModelConfig, llm: LLM, rng: random.Random, prefill_batches: list[int], decode_batches: list[int], vocab: int) -> list[list[str]]:
+    """Prefill and decode with ``deterministic=True`` beside the default engine (same pool and budget)."""
+    det = LLM(model=args.model, dtype="bfloat16", kv_cache_memory_bytes=llm.engine.cfg.kv_cache_memory_bytes, deterministic=True,
+              max_num_batched_tokens=llm.engine.cfg.max_num_batched_tokens, enable_prefix_caching=False, num_threads=args.threads)
+    rows = []
+    for b in prefill_batches:
+        base = measure_prefill(llm, rng, b, args.prefill_len, args.repeats, vocab)
+        t = measure_prefill(det, rng, b, args.prefill_len, args.repeats, vocab)
+        rows.append([f"deterministic prefill: {b} x {args.prefill_len}-token prompt(s)", f"{b * args.prefill_len / t:.0f} tok/s",
+                     f"default engine {b * args.prefill_len / base:.0f} tok/s", f"{t / base:.2f}x the time", ""])
+    for b in decode_batches:
+        base, _ = measure_decode(llm, rng, b, args.decode_context, args.decode_steps, vocab)
+        t, _ = measure_decode(det, rng, b, args.decode_context, args.decode_steps, vocab)
+        rows.append([f"deterministic decode: batch {b}, context ~{args.decode_context}", f"{t * 1e3:.1f} ms/step",
+                     f"default engine {base * 1e3:.1f} ms/step", f"{t / base:.2f}x the time", ""])
+    del det
+    return rows
+
+
 # ---- main ---------------------------------------------------------------------------------------
 
 
@@ -234,6 +256,9 @@ def main() -> None:
         floor = decode_bytes(mc, ctx, itemsize) / (bandwidth * 1e9)
         rows.append([f"decode: batch {b}, context ~{round(statistics.mean(ctx))}", f"{t * 1e3:.1f} ms/step ({b / t:.0f} tok/s)",
                      f"memory floor {floor * 1e3:.1f} ms", f"{t / floor:.2f}x floor", "<= 2x" if b == 1 else ""])
+
+    if not args.skip_deterministic:
+        rows += deterministic_rows(args, mc, llm, rng, prefill_batches, decode_batches, vocab)
 
     prompts = random_prompts(rng, args.offline_prompts, args.offline_prompt_len, vocab, jitter=0.12)
     n, gen = len(prompts), args.offline_max_tokens
