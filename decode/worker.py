@@ -1,19 +1,29 @@
 """Decode worker: reserves blocks for incoming KV, admits sequences once it lands, streams tokens.
 
 Request lifecycle on this worker (disaggregated path):
-  1. reserved: ``reserve(req_id, n)`` sets aside blocks for an n-token prompt, or
-     raises ``WorkerBusy`` (back-pressure) when the pool cannot hold it.
+  1. reserved: ``reserve_for(req_id, prompt)`` sets aside blocks for the part of
+     the prompt it does not cache, or raises ``WorkerBusy`` (back-pressure) when
+     the pool cannot hold it.
   2. awaiting KV: ``generate_prefilled(req)`` waits for the prefill worker's NIXL
-     notification ``[req_id, first_token]`` (bounded by ``kv_wait_timeout_s``).
+     notification ``[req_id, first_token]`` (bounded by ``kv_wait_timeout_s``;
+     a first token that disagrees with the caller's is refused).
   3. running: the sequence joins the continuous batch with its first token and
      decodes one token per step; chunks stream back to the caller.
   4. finished / aborted: blocks return to the pool (prompt blocks stay as
-     prefix cache). A reservation nobody claims within ``reservation_ttl_s`` is
-     freed by the reaper; a stream whose consumer goes away aborts its request.
+     prefix cache).
 
-With role "both" the same worker also serves whole requests locally
-(``generate``): the aggregated baseline, and the fallback when no prefill
-worker can take a request.
+Letting go, whatever the moment the caller leaves: a ``generate_prefilled``
+stream that ends without finishing (cancelled, timed out, failed) frees its
+reservation or aborts its sequence itself, in a task of its own that a second
+cancellation cannot interrupt; the router also sends ``release``/``abort``
+(detached from the cancelled HTTP request, see ``splitserve.cleanup``); and a
+reservation nobody claims within ``reservation_ttl_s`` (a caller that vanished
+between reserve and prefill) is freed by the reaper.
+
+Whole requests (``generate``, ``resume``) come from ``EngineWorker``: with role
+"both" this is an aggregated worker; a decode worker serves them when no
+prefill worker can take a request, and when it takes over a request whose
+decode worker died mid-stream.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ class DecodeWorker(EngineWorker):
         self._arrived: dict[str, tuple[int, float]] = {}  # req_id -> (first token, arrival time)
         self._waiters: dict[str, asyncio.Future] = {}
         self._poller: asyncio.Task | None = None
+        self._cleanups: set[asyncio.Task] = set()
 
     # ---- reservations ------------------------------------------------------------
     async def reserve(self, req_id: str, num_prompt_tokens: int) -> list[int]:
@@ -146,19 +157,16 @@ class DecodeWorker(EngineWorker):
             raise
         finally:
             if not finished:
-                await asyncio.shield(self.release(req_id))
+                await self._release_detached(req_id)
 
-    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Prefill and decode locally (aggregated mode, short prompts, or fallback)."""
-        self.num_requests += 1
-        params = SamplingParams.from_dict(req["sampling"])
-        prompt = req.get("prompt_token_ids") or req.get("prompt")
-        finished = False
-        try:
-            async for out in self.aengine.generate(req["req_id"], prompt, params, priority=req.get("priority", 0), coalesce=True):
-                finished = out.finished
-                yield output_chunk(out)
-        except BaseException:
-            if not finished:
-                self.num_failed += 1
-            raise
+    async def _release_detached(self, req_id: str) -> None:
+        """Free ``req_id``'s reservation (or abort its sequence) in a task of its own that a cancellation of the
+        caller cannot stop; the caller waits for it unless it is cancelled once more."""
+        task = asyncio.get_running_loop().create_task(self._let_go(req_id), name=f"let-go-{req_id}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
+
+    async def _let_go(self, req_id: str) -> None:
+        if not await self.release(req_id):
+            await self.aengine.abort(req_id)  # admitted already: AsyncEngine.stream aborts it too; this is idempotent

@@ -6,6 +6,12 @@ each ``step`` asks the batch scheduler what to run, runs the model once over the
 packed batch, samples, detokenizes, checks stop conditions and frees the blocks
 of finished sequences; ``abort_request`` frees a request's blocks at any time.
 Three lines carry the data flow: schedule -> execute -> process.
+
+Per-sequence failures stay per sequence: when sampling, detokenizing or the stop
+check fails for one sequence, that sequence alone finishes with finish reason
+``"error"`` (its blocks freed, the cause logged with its request id) and the rest
+of the batch goes on. A failure of the step as a whole (the model) is the async
+engine's to handle.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from splitserve.engine.sampler import sample
+from splitserve.engine.sampler import SampleFailed, sample_rows
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.tokenizer import load_tokenizer
@@ -120,6 +126,29 @@ class LLMEngine:
         )
         self._track(seq, prompt if isinstance(prompt, str) else None)
         self.scheduler.add(seq)
+        return req_id
+
+    def resume_request(
+        self, req_id: str, prompt_ids: Seq[int], output_ids: Seq[int], params: SamplingParams, *, num_sent_chars: int = 0,
+        priority: int = 0,
+    ) -> str:
+        """Continue a request another worker started (it died mid-stream): same prompt, ``output_ids`` already out.
+
+        The sequence is prompt + those tokens, all prefilled here; counting, stop
+        rules and detokenization go on as if nothing happened (``max_tokens``
+        counts the earlier tokens, a stop string may span the seam), and the
+        first output carries the text the caller had not received yet: whatever
+        lies past ``num_sent_chars`` (held back for a stop string, or an
+        incomplete character) and the new token's.
+        """
+        output_ids = list(output_ids)
+        self.add_request(list(prompt_ids) + output_ids, params, req_id, priority=priority)
+        seq = self._seqs[req_id]
+        seq.num_prompt_tokens = len(prompt_ids)
+        detok = self._detok[req_id]
+        for token in output_ids:
+            detok.update(token)
+        self._emitted[req_id] = (len(output_ids), min(num_sent_chars, len(detok.text)))
         return req_id
 
     def _track(self, seq: Sequence, prompt: str | None) -> None:
@@ -249,12 +278,40 @@ class LLMEngine:
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
         now = time.monotonic()
         sampling = [c for c in sched.chunks if c.samples]
-        tokens = sample(logits, [c.seq.params for c in sampling], [c.seq.generator for c in sampling], self.generator)
+        tokens = sample_rows(logits, [c.seq.params for c in sampling], [c.seq.generator for c in sampling], self.generator)
         for chunk in sched.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
             self.scheduler.advance(chunk)
-        return [self._append_token(chunk.seq, token, now) for chunk, token in zip(sampling, tokens)]
+        outputs = []
+        for chunk, token in zip(sampling, tokens):
+            if isinstance(token, SampleFailed):
+                outputs.append(self._fail(chunk.seq, token, now))
+                continue
+            try:
+                outputs.append(self._append_token(chunk.seq, token, now))
+            except Exception as e:  # detokenizer or stop check: this sequence only
+                outputs.append(self._fail(chunk.seq, e, now))
+        return outputs
+
+    def _fail(self, seq: Sequence, error: BaseException, now: float) -> RequestOutput:
+        """End ``seq`` with finish reason "error" and free its blocks; the rest of the batch is untouched.
+
+        The cause goes to the log with the request id, not to the caller: it may
+        name internals, and the client only needs to know its request failed.
+        """
+        logger.error("request %s failed in the engine step and was ended: %r", seq.req_id, error, exc_info=error)
+        if seq.is_finished:  # failed after finishing (building its output): blocks already freed or held
+            seq.status = SequenceStatus.FINISHED_ERROR
+        else:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)  # never keeps blocks for a transfer
+        seq.finished_time = now
+        self._forget(seq.req_id)
+        return RequestOutput(
+            req_id=seq.req_id, prompt=None, prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            outputs=[CompletionOutput(0, "", [], SequenceStatus.FINISHED_ERROR.value)], finished=True,
+            metrics=RequestMetrics(arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time, finished_time=now),
+        )
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         seq.token_ids.append(token)

@@ -29,7 +29,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" (this sequence failed) or None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 
 

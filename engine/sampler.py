@@ -3,6 +3,13 @@
 Filtering is vectorised over the batch; the draw itself is per row so that a
 request with a seed uses only its own ``torch.Generator`` and gets the same tokens
 whatever else shares the batch.
+
+One row cannot fail the others (``sample_rows``): a row whose probabilities are
+not finite is refused before its draw (on CUDA a NaN draw is a device-side
+assert that ends the process, not an exception), a draw that raises fails only
+its row, and if the vectorised part itself raises, each row is computed alone.
+No generator is advanced before the vectorised part succeeded, so a seeded row
+draws the same token whichever path ran.
 """
 
 from __future__ import annotations
@@ -29,22 +36,67 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torc
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
 
+class SampleFailed(RuntimeError):
+    """Sampling one row failed; the other rows of the batch have their tokens."""
+
+
 def sample(logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[torch.Generator | None], default_generator: torch.Generator) -> list[int]:
-    """One token id per row of ``logits`` (float32 [n, V])."""
+    """One token id per row of ``logits`` (float32 [n, V]); raises the first row's ``SampleFailed``."""
+    out = sample_rows(logits, params, generators, default_generator)
+    for token in out:
+        if isinstance(token, SampleFailed):
+            raise token
+    return out  # type: ignore[return-value]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: Seq[SamplingParams], generators: Seq[torch.Generator | None], default_generator: torch.Generator,
+) -> list[int | SampleFailed]:
+    """One token id per row of ``logits``, or that row's ``SampleFailed``; never raises for one row's sake."""
     n = logits.shape[0]
-    out = logits.argmax(dim=-1).tolist()
+    out: list[int | SampleFailed] = logits.argmax(dim=-1).tolist()
     rows = [i for i in range(n) if not params[i].is_greedy]
     if not rows:
         return out
-    sub = logits[rows]
-    temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32).unsqueeze(1)
-    sub = sub / temps
-    top_ks = torch.tensor([params[i].top_k for i in rows], dtype=torch.int64)
-    top_ps = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32)
+    try:
+        probs = _probs(logits[rows], [params[i] for i in rows])
+    except Exception:  # a bug or a value the batch cannot hold: compute each row alone
+        for i in rows:
+            out[i] = _draw_alone(logits[i : i + 1], params[i], generators[i] or default_generator)
+        return out
+    finite = torch.isfinite(probs).all(dim=-1).tolist()  # one check for the batch, not a sync per row
+    for j, i in enumerate(rows):
+        out[i] = _draw(probs[j], generators[i] or default_generator) if finite[j] else _not_finite()
+    return out
+
+
+def _probs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k and top-p over sampled rows: their probabilities, float32 [n, V]."""
+    vocab = logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device).unsqueeze(1)
+    sub = logits / temps
+    # a top_k above the vocabulary keeps everything; clamping keeps any int64 value representable
+    top_ks = torch.tensor([min(p.top_k, vocab) for p in params], dtype=torch.int64, device=logits.device)
+    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=logits.device)
     if bool((top_ks > 0).any()) or bool((top_ps < 1.0).any()):
         sub = _filter_top_k_top_p(sub, top_ks, top_ps)
-    probs = sub.softmax(dim=-1)
-    for j, i in enumerate(rows):
-        gen = generators[i] or default_generator
-        out[i] = int(torch.multinomial(probs[j], 1, generator=gen).item())
-    return out
+    return sub.softmax(dim=-1)
+
+
+def _not_finite() -> SampleFailed:
+    return SampleFailed("sampling probabilities are not finite (NaN or inf)")
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int | SampleFailed:
+    try:
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+    except Exception as e:
+        return SampleFailed(f"sampling failed: {e}")
+
+
+def _draw_alone(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int | SampleFailed:
+    try:
+        probs = _probs(logits, [params])
+    except Exception as e:
+        return SampleFailed(f"sampling failed: {e}")
+    return _draw(probs[0], generator) if bool(torch.isfinite(probs).all()) else _not_finite()

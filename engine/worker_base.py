@@ -7,6 +7,11 @@ the layout and protocol version are checked there and a mismatch is refused.
 ``load()`` is polled by the ingress to keep its view of queue depths and free
 blocks fresh; ``instance_id`` changes when a replica restarts, which tells the
 ingress to redo the handshake.
+
+Any worker can also serve a whole request (``generate``: prefill and decode
+here) and take over a request whose decode worker died mid-stream (``resume``:
+prompt + the tokens already streamed are prefilled here, and the stream goes
+on). A consumer that stops early aborts the request, which frees its blocks.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +28,8 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import RequestOutput
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.worker_messages import ResumeRequest
 from splitserve.scheduler.types import WorkerBusy
 from splitserve.transfer import make_transfer_agent
 
@@ -75,6 +83,7 @@ class EngineWorker:
         )
         self.num_requests = 0
         self.num_failed = 0
+        self.num_resumed = 0  # requests taken over from a worker that died mid-stream
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
         logger.info("%s worker %s ready (pid %d, %d KV blocks)", self.role, worker_id, os.getpid(), self.engine.pool.num_blocks)
@@ -122,6 +131,7 @@ class EngineWorker:
             "num_queued_tokens": sum(s.num_uncomputed_tokens for s in list(sched.waiting)),
             "num_requests": self.num_requests,
             "num_failed": self.num_failed,
+            "num_resumed": self.num_resumed,
             "transfer_bytes": self.transfer_bytes,
             "transfer_seconds": self.transfer_seconds,
             "prefix_hits": e.pool.num_prefix_hits,
@@ -137,6 +147,45 @@ class EngineWorker:
 
     async def abort(self, req_id: str) -> bool:
         return await self.aengine.abort(req_id)
+
+    # ---- whole requests here -----------------------------------------------------
+    async def generate(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Prefill and decode here: aggregated mode, short prompts, fallbacks, and degraded mode
+        (a prefill worker serving whole requests while no decode worker is healthy)."""
+        params = SamplingParams.from_dict(req["sampling"])
+        prompt = req.get("prompt_token_ids") or req.get("prompt")
+        add = lambda: self.engine.add_request(prompt, params, req["req_id"], priority=req.get("priority", 0))  # noqa: E731
+        async for chunk in self._stream_here(req["req_id"], add):
+            yield chunk
+
+    async def resume(self, msg: ResumeRequest) -> AsyncIterator[dict[str, Any]]:
+        """Continue a request another worker was streaming when it died (prompt + tokens sent, prefilled here)."""
+        self.num_resumed += 1
+        params = SamplingParams.from_dict(msg.sampling)
+        logger.info(
+            "%s resumes %s after %s died: %d prompt + %d streamed tokens to prefill",
+            self.worker_id, msg.req_id, msg.origin_worker_ids[-1] if msg.origin_worker_ids else "its worker",
+            len(msg.prompt_token_ids), len(msg.output_token_ids),
+        )
+        add = lambda: self.engine.resume_request(  # noqa: E731
+            msg.req_id, msg.prompt_token_ids, msg.output_token_ids, params, num_sent_chars=msg.num_sent_chars,
+            priority=msg.priority,
+        )
+        async for chunk in self._stream_here(msg.req_id, add):
+            yield chunk
+
+    async def _stream_here(self, req_id: str, add: Callable[[], Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream a request ``add`` puts into this engine; a consumer that leaves aborts it (``AsyncEngine.stream``)."""
+        self.num_requests += 1
+        finished = False
+        try:
+            async for out in self.aengine.stream(req_id, add, coalesce=True):
+                finished = out.finished
+                yield output_chunk(out)
+        except BaseException:
+            if not finished:
+                self.num_failed += 1
+            raise
 
     async def reset_prefix_cache(self) -> None:
         await self.aengine.call(self.engine.pool.reset_prefix_cache)

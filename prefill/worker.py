@@ -27,6 +27,10 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.worker_base import EngineWorker
 
 
+class PrefillFailed(RuntimeError):
+    """The engine ended this request without a first token (its sequence failed; the batch went on)."""
+
+
 def prefill_only(params: SamplingParams) -> SamplingParams:
     """The request's sampling settings, cut to one token with no stop rule (the decode side applies them)."""
     return replace(params, max_tokens=1, stop=[], stop_token_ids=[], ignore_eos=True)
@@ -47,6 +51,8 @@ class PrefillWorker(EngineWorker):
             async for out in self.aengine.generate(req_id, prompt_ids, params, priority=req.get("priority", 0), keep_kv=True):
                 final = out
             assert final is not None and final.finished
+            if final.finish_reason != "length":  # "error": sampling its first token failed (logged by the engine)
+                raise PrefillFailed(f"prefill of {req_id} ended with finish reason {final.finish_reason!r}")
             prefill_s = time.monotonic() - t0
             first_token = final.token_ids[0]
             num_blocks = -(-len(prompt_ids) // self.engine.block_size)

@@ -6,19 +6,24 @@ a ``PairingPolicy`` for a ``PairDecision`` per request.
 
 from __future__ import annotations
 
+from splitserve.scheduler.admission import QueueWaitEstimator
 from splitserve.scheduler.load_view import LoadView
 from splitserve.scheduler.policy import (
     LeastLoadedPolicy,
     blocks_needed,
     cached_prefix_tokens,
+    serving_state,
     uncached_prompt_tokens,
 )
 from splitserve.scheduler.types import (
+    Fallback,
     NoWorkerAvailable,
     PairDecision,
     PairingPolicy,
     PairRequest,
     PromptTooLarge,
+    QueueWaitTooLong,
+    ServingState,
     WorkerBusy,
     WorkerLoad,
     WorkerRole,
@@ -26,6 +31,7 @@ from splitserve.scheduler.types import (
 
 __all__ = [
     "WorkerBusy",
+    "Fallback",
     "LeastLoadedPolicy",
     "LoadView",
     "NoWorkerAvailable",
@@ -33,9 +39,13 @@ __all__ = [
     "PairRequest",
     "PairingPolicy",
     "PromptTooLarge",
+    "QueueWaitEstimator",
+    "QueueWaitTooLong",
+    "ServingState",
     "WorkerLoad",
     "WorkerRole",
     "blocks_needed",
     "cached_prefix_tokens",
+    "serving_state",
     "uncached_prompt_tokens",
 ]

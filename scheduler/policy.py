@@ -30,6 +30,15 @@ prefill worker's cache argues for remote prefill, never for local.
 Workers that report no prefix summary count as caching nothing, which reduces
 every choice to plain least-loaded.
 
+When a whole role is down the other one serves whole requests (degraded
+aggregated mode): with no healthy prefill worker the decode worker prefills
+locally, and with no healthy decode worker a prefill worker prefills *and*
+decodes (``degraded_mode``, on by default). A decode worker that is healthy but
+excluded (full, or it failed this request) is busy, not down: back-pressure. Every such
+departure from the normal path carries a ``Fallback`` tag on its decision so
+the router can count it. ``PairRequest.local_only`` (a retry's last attempt, a
+request resumed after its decode worker died) skips the prefill worker.
+
 ``priority`` and ``tenant`` are carried but not used here; a priority-aware
 policy implements the same ``pick`` signature.
 """
@@ -39,10 +48,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from splitserve.scheduler.types import (
+    Fallback,
     NoWorkerAvailable,
     PairDecision,
     PairRequest,
     PromptTooLarge,
+    ServingState,
     WorkerLoad,
     WorkerRole,
 )
@@ -75,6 +86,28 @@ def cached_prefix_tokens(
     return min(num_hit_blocks * block_size, num_prompt_tokens)
 
 
+def serving_state(loads: Sequence[WorkerLoad], *, num_prefill_expected: int, degraded_mode: bool = True) -> ServingState:
+    """What the deployment can do with the healthy workers in ``loads`` (``/health``, ``/admin/workers``).
+
+    ``num_prefill_expected``: prefill workers the deployment was configured with (0 when aggregated).
+    """
+    healthy = [w for w in loads if w.is_healthy]
+    num_decoders = _count(healthy, lambda w: w.role in _DECODE_ROLES)
+    num_prefillers = _count(healthy, lambda w: w.role == WorkerRole.PREFILL)
+    if num_decoders and (num_prefillers or not num_prefill_expected):
+        return ServingState("ok", f"{num_decoders} decode and {num_prefillers} prefill workers healthy")
+    if num_decoders:
+        return ServingState(
+            "degraded", f"no healthy prefill worker (of {num_prefill_expected}): {num_decoders} decode workers prefill locally",
+        )
+    if num_prefillers and degraded_mode:
+        return ServingState(
+            "degraded", f"no healthy decode worker: {num_prefillers} prefill workers serve whole requests (prefill and decode)",
+        )
+    missing = "decode or prefill worker" if num_prefill_expected else "decode worker"
+    return ServingState("unavailable", f"no healthy {missing}")
+
+
 def _decode_key(load: WorkerLoad) -> tuple:
     return (-load.num_free_tokens, load.num_active, load.worker_id)
 
@@ -98,6 +131,18 @@ def _count(loads: Iterable[WorkerLoad], predicate) -> int:
     return sum(1 for load in loads if predicate(load))
 
 
+def _role_state(role: str, loads: Sequence[WorkerLoad], exclude: frozenset[str]) -> str:
+    """``no healthy decode worker: 2 known, 1 unhealthy, 1 excluded after failures`` for one role."""
+    roles = _DECODE_ROLES if role == "decode" else (WorkerRole.PREFILL,)
+    known = [w for w in loads if w.role in roles]
+    num_excluded = _count(known, lambda w: w.worker_id in exclude)
+    num_unhealthy = _count(known, lambda w: not w.is_healthy and w.worker_id not in exclude)
+    return (
+        f"no healthy {role} worker: {len(known)} known, {num_unhealthy} unhealthy, "
+        f"{num_excluded} excluded after failures"
+    )
+
+
 class LeastLoadedPolicy:
     """Default ``PairingPolicy``: least-loaded pairing with conditional disaggregation.
 
@@ -107,6 +152,8 @@ class LeastLoadedPolicy:
     ``max_prefill_queue_tokens``: a prefill worker with more queued prompt
     tokens than this is saturated; when all are, prefill locally (None = no limit).
     ``retry_after_s``: the back-off hint carried by ``NoWorkerAvailable``.
+    ``degraded_mode``: with no usable decode worker, a prefill worker serves
+    whole requests (False: back-pressure instead).
     """
 
     def __init__(
@@ -114,6 +161,7 @@ class LeastLoadedPolicy:
         local_prefill_threshold_tokens: int = 0,
         max_prefill_queue_tokens: int | None = None,
         retry_after_s: float = 1.0,
+        degraded_mode: bool = True,
     ) -> None:
         if local_prefill_threshold_tokens < 0:
             raise ValueError(
@@ -126,6 +174,7 @@ class LeastLoadedPolicy:
         self.local_prefill_threshold_tokens = local_prefill_threshold_tokens
         self.max_prefill_queue_tokens = max_prefill_queue_tokens
         self.retry_after_s = retry_after_s
+        self.degraded_mode = degraded_mode
 
     def pick(
         self,
@@ -139,6 +188,10 @@ class LeastLoadedPolicy:
         decoders = [w for w in usable if w.role in _DECODE_ROLES]
         prefillers = [w for w in usable if w.role == WorkerRole.PREFILL]
         if not decoders:
+            # a role is *down* when none of its workers is healthy; healthy ones excluded here (this request
+            # failed on them, or they refused it for lack of room) are not down: back-pressure, not degraded mode
+            if self.degraded_mode and prefillers and not any(w.is_healthy and w.role in _DECODE_ROLES for w in loads):
+                return self._degraded(request, prefillers, loads, exclude)
             raise self._no_decoder(loads, exclude)
 
         fitting = [
@@ -165,8 +218,12 @@ class LeastLoadedPolicy:
             f"decode on {decoder.worker_id} ({decoder.num_free_blocks} free blocks, "
             f"{decoder.num_active} active)"
         )
+        if request.local_only:
+            return PairDecision(None, decoder.worker_id, f"local prefill: asked for (retry or resumed request); {where}")
         if not prefillers:
-            return PairDecision(None, decoder.worker_id, f"local prefill: no healthy prefill worker; {where}")
+            return PairDecision(
+                None, decoder.worker_id, f"local prefill: no healthy prefill worker; {where}", Fallback.NO_PREFILL_WORKER,
+            )
 
         limit = self.max_prefill_queue_tokens
         open_prefillers = [w for w in prefillers if limit is None or w.num_queued_tokens <= limit]
@@ -177,6 +234,7 @@ class LeastLoadedPolicy:
                 decoder.worker_id,
                 f"local prefill: all {len(prefillers)} prefill workers saturated (least queued "
                 f"{least.worker_id} has {least.num_queued_tokens} tokens > limit {limit}); {where}",
+                Fallback.PREFILL_SATURATED,
             )
         prefiller = min(open_prefillers, key=lambda w: _prefill_key(request, w))
 
@@ -199,15 +257,34 @@ class LeastLoadedPolicy:
             f"{num_uncached} uncached prompt tokens > threshold {threshold}; {where}",
         )
 
-    def _no_decoder(self, loads: Sequence[WorkerLoad], exclude: frozenset[str]) -> NoWorkerAvailable:
-        known = [w for w in loads if w.role in _DECODE_ROLES]
-        num_excluded = _count(known, lambda w: w.worker_id in exclude)
-        num_unhealthy = _count(known, lambda w: not w.is_healthy and w.worker_id not in exclude)
-        return NoWorkerAvailable(
-            f"no healthy decode worker: {len(known)} known, {num_unhealthy} unhealthy, "
-            f"{num_excluded} excluded after failures",
-            retry_after_s=self.retry_after_s,
+    def _degraded(
+        self, request: PairRequest, prefillers: list[WorkerLoad], loads: Sequence[WorkerLoad], exclude: frozenset[str],
+    ) -> PairDecision:
+        """No decode worker can take the request: the least-loaded prefill worker with room serves all of it."""
+        n = request.num_prompt_tokens
+        fitting = [w for w in prefillers if w.num_free_blocks >= blocks_needed(n, w.block_size)]
+        if not fitting:
+            roomiest = min(prefillers, key=_decode_key)
+            raise NoWorkerAvailable(
+                f"{_role_state('decode', loads, exclude)}, and the {len(prefillers)} healthy prefill workers that "
+                f"would serve in its place are full: request {request.req_id} needs {blocks_needed(n, roomiest.block_size)} "
+                f"blocks, most free is {roomiest.num_free_blocks} on {roomiest.worker_id}",
+                retry_after_s=self.retry_after_s,
+            )
+        chosen = min(fitting, key=lambda w: _aggregated_key(request, w))
+        return PairDecision(
+            None,
+            chosen.worker_id,
+            f"degraded: {_role_state('decode', loads, exclude)}; prefill worker {chosen.worker_id} serves the whole "
+            f"request ({chosen.num_queued_tokens} queued tokens, {chosen.num_free_blocks} free blocks)",
+            Fallback.NO_DECODE_WORKER,
         )
+
+    def _no_decoder(self, loads: Sequence[WorkerLoad], exclude: frozenset[str]) -> NoWorkerAvailable:
+        message = _role_state("decode", loads, exclude)
+        if self.degraded_mode and any(w.role == WorkerRole.PREFILL for w in loads):
+            message += f"; and {_role_state('prefill', loads, exclude)} to serve in its place"
+        return NoWorkerAvailable(message, retry_after_s=self.retry_after_s)
 
     def _all_full(self, request: PairRequest, decoders: list[WorkerLoad]) -> NoWorkerAvailable:
         n = request.num_prompt_tokens

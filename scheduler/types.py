@@ -62,6 +62,9 @@ class PairRequest:
     ``block_hashes`` are the chained hashes of the prompt's full blocks, in
     order; the policy matches their longest prefix against a worker's
     ``prefix_hashes`` to estimate how much of the prompt is already cached.
+    ``local_only``: prefill on the worker that decodes (the router's last
+    attempt after failed transfers, or a request resumed after its decode
+    worker died); no prefill worker is paired.
     """
 
     req_id: str
@@ -70,19 +73,50 @@ class PairRequest:
     block_hashes: list[int] = field(default_factory=list)
     priority: int = 0
     tenant: str | None = None
+    local_only: bool = False
+
+
+class Fallback(str, Enum):
+    """Why a request did not take the normal path; the label of ``splitserve_fallbacks_total{reason}``.
+
+    The policy sets the first three on its decisions; the router adds the others.
+    """
+
+    NO_PREFILL_WORKER = "no_prefill_worker"  # prefilled on the decode worker: no healthy prefill worker
+    PREFILL_SATURATED = "prefill_saturated"  # prefilled on the decode worker: every prefill queue over its limit
+    NO_DECODE_WORKER = "no_decode_worker"  # degraded: a prefill worker serves the whole request
+    RETRY_LOCAL_PREFILL = "retry_local_prefill"  # the last attempt after failed transfers prefills on the decode worker
+    MIGRATION = "migration"  # resumed on another worker after its decode worker died mid-stream
 
 
 @dataclass(slots=True)
 class PairDecision:
-    """Where a request runs. ``prefill_worker_id is None`` means prefill locally on the decode worker."""
+    """Where a request runs. ``prefill_worker_id is None`` means prefill locally on the decode worker.
+
+    ``fallback`` is set when the policy had to leave the normal path (see ``Fallback``).
+    """
 
     prefill_worker_id: str | None
     decode_worker_id: str
     reason: str
+    fallback: Fallback | None = None
 
     @property
     def is_remote_prefill(self) -> bool:
         return self.prefill_worker_id is not None
+
+
+@dataclass(slots=True)
+class ServingState:
+    """Whether the deployment serves, and how: ``status`` is "ok", "degraded" (one role stands in for the
+    other) or "unavailable"; ``detail`` says which role is missing and who serves instead."""
+
+    status: str
+    detail: str
+
+    @property
+    def is_serving(self) -> bool:
+        return self.status != "unavailable"
 
 
 class NoWorkerAvailable(RuntimeError):
@@ -95,6 +129,10 @@ class NoWorkerAvailable(RuntimeError):
     def __init__(self, message: str, retry_after_s: float | None = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QueueWaitTooLong(NoWorkerAvailable):
+    """The request would wait longer than the queue-wait budget before it starts: shed it now (HTTP 503)."""
 
 
 class PromptTooLarge(NoWorkerAvailable):

@@ -1,11 +1,17 @@
 """The thin I/O glue around the pure policy: keep the load view fresh, keep NIXL peers paired.
 
-Lifecycle: ``start()`` launches a poll loop that asks every worker for its
-``load()`` every ``poll_interval_s`` (each call bounded by a timeout). A report
-with a new ``instance_id`` (first contact, or a restarted replica) triggers the
+Lifecycle: ``start()`` launches one poll loop *per worker*, each asking its
+worker for ``load()`` every ``poll_interval_s`` (bounded by a timeout), so a dead
+or slow worker never delays the reports of the others (one shared loop let a
+dead prefill worker's timeouts age a healthy decode worker's report past
+``max_age_s``, and every request got 503). A report with a new ``instance_id``
+(first contact, or a restarted replica) wakes the pairing task, which runs the
 handshake: every decode worker's ``agent_info`` goes to every prefill worker
-(``add_peers``), which checks layout and protocol version. Failed polls mark the
-worker unhealthy in the ``LoadView`` so the policy routes around it.
+(``add_peers``), which checks layout and protocol version. A failed poll, or a
+call the router saw fail because the worker died (``mark_dead``), marks the
+worker unhealthy in the ``LoadView`` until its next report, so the policy routes
+around it at once. ``report_hooks`` see every fresh report (the admission
+estimator measures queue drain rates from them).
 
 Handles are Ray Serve ``DeploymentHandle``s in production; any object with the
 same ``handle.method.remote(...)`` shape works (tests use in-process workers).
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from splitserve.engine.aio import cancel_and_wait
@@ -62,6 +70,11 @@ class WorkerRegistry:
         self._prefixes: dict[str, tuple[str, int, frozenset[int]]] = {}  # worker id -> (instance, version, hashes)
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()
+        self._pair_wanted = asyncio.Event()
+        self._answered: set[str] = set()  # workers whose latest poll was answered
+        self.report_hooks: list[Callable[[str, dict[str, Any]], None]] = []
+        self.num_deaths_seen: dict[str, int] = {}  # worker id -> calls that found it dead
+        self._death_signals: dict[str, asyncio.Future] = {}
 
     def handle(self, worker_id: str) -> Any:
         return self.prefill.get(worker_id) or self.decode[worker_id]
@@ -84,29 +97,94 @@ class WorkerRegistry:
             return False
 
     async def _poll_forever(self) -> None:
+        ids = list(self.prefill) + list(self.decode)
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._poll_worker_forever(w), name=f"poll-{w}") for w in ids]
+        tasks.append(loop.create_task(self._pair_forever(), name="pair-workers"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _poll_worker_forever(self, worker_id: str) -> None:
         while True:
             try:
-                await self.poll_once()
+                await self.poll_worker(worker_id)
             except Exception:  # never let the loop die
-                logger.exception("worker poll failed")
+                logger.exception("poll of %s failed", worker_id)
             await asyncio.sleep(self.poll_interval_s)
 
+    async def _pair_forever(self) -> None:
+        while True:
+            await self._pair_wanted.wait()
+            self._pair_wanted.clear()
+            try:
+                await self._pair()
+            except Exception:
+                logger.exception("pairing failed")
+            for worker_id in self.prefill:  # a newly paired prefill worker is usable now, not at its next poll
+                if worker_id in self._answered:
+                    self._publish(worker_id)
+
     async def poll_once(self) -> None:
+        """Poll every worker once, pair whoever needs it, then publish the reports (tests, start-up)."""
         ids = list(self.prefill) + list(self.decode)
-        results = await asyncio.gather(*(self._load(w) for w in ids), return_exceptions=True)
-        for worker_id, rep in zip(ids, results):
-            if isinstance(rep, BaseException):
-                self.view.mark_unhealthy(worker_id)
-                continue
-            self._take_prefixes(worker_id, rep)
-            self.reports[worker_id] = rep
-            self._instances[worker_id] = rep["instance_id"]
+        answered = await asyncio.gather(*(self.poll_worker(w, publish=False) for w in ids))
         await self._pair()
-        for worker_id, rep in zip(ids, results):
-            if not isinstance(rep, BaseException) and self._is_paired(worker_id):
-                self.view.update(load_from_report(rep, self.prefix_hashes(worker_id)))
-        if all(self._is_paired(w) for w in ids) and len(self.reports) == len(ids):
+        for worker_id, ok in zip(ids, answered):
+            if ok:
+                self._publish(worker_id)
+
+    async def poll_worker(self, worker_id: str, publish: bool = True) -> bool:
+        """Ask one worker for its load; an answer updates the view (once paired), a failure marks it unhealthy."""
+        try:
+            rep = await self._load(worker_id)
+        except Exception:
+            self._answered.discard(worker_id)
+            self.view.mark_unhealthy(worker_id)
+            return False
+        self._answered.add(worker_id)
+        self._take_prefixes(worker_id, rep)
+        self.reports[worker_id] = rep
+        if self._instances.get(worker_id) != rep["instance_id"]:
+            self._instances[worker_id] = rep["instance_id"]
+            self._pair_wanted.set()
+        elif not self._is_paired(worker_id):
+            self._pair_wanted.set()
+        if publish:
+            self._publish(worker_id)
+        return True
+
+    def _publish(self, worker_id: str) -> None:
+        rep = self.reports.get(worker_id)
+        if rep is None or not self._is_paired(worker_id):
+            return
+        self.view.update(load_from_report(rep, self.prefix_hashes(worker_id)))
+        for hook in self.report_hooks:
+            hook(worker_id, rep)
+        ids = list(self.prefill) + list(self.decode)
+        if len(self.reports) == len(ids) and all(self._is_paired(w) for w in ids):
             self._ready.set()
+
+    def mark_dead(self, worker_id: str) -> None:
+        """A call found ``worker_id`` dead: route around it until it reports again (a restarted replica does),
+        and wake the calls still waiting on it (``death_signal``): their answer will never come."""
+        self._answered.discard(worker_id)
+        self.view.mark_unhealthy(worker_id)
+        self.num_deaths_seen[worker_id] = self.num_deaths_seen.get(worker_id, 0) + 1
+        self.reports.get(worker_id, {})["seen_dead_at"] = time.time()
+        signal = self._death_signals.pop(worker_id, None)
+        if signal is not None and not signal.done():
+            signal.set_result(None)
+
+    def death_signal(self, worker_id: str) -> asyncio.Future:
+        """A future resolved the next time a call finds ``worker_id`` dead (``mark_dead``)."""
+        signal = self._death_signals.get(worker_id)
+        if signal is None or signal.done():
+            signal = self._death_signals[worker_id] = asyncio.get_running_loop().create_future()
+        return signal
 
     async def _load(self, worker_id: str) -> dict[str, Any]:
         method = self.handle(worker_id).load

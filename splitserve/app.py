@@ -57,15 +57,23 @@ def worker_ids(cfg: ServeConfig) -> tuple[list[str], list[str]]:
     return [f"prefill-{i}" for i in range(cfg.num_prefill_workers)], [f"{prefix}-{i}" for i in range(cfg.num_decode)]
 
 
-def build_app(cfg: ServeConfig) -> Application:
-    engine = cfg.engine.model_dump()
-    options = {
+def worker_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The ``WorkerOptions`` fields every worker gets from the config."""
+    return {
         "transfer_timeout_s": cfg.transfer_timeout_s,
+        "kv_wait_timeout_s": cfg.kv_wait_timeout_s,
+        "reservation_ttl_s": cfg.reservation_ttl_seconds,
+        "prefix_report_max_blocks": cfg.routing.prefix_report_max_blocks,
         "fail_fraction": cfg.faults.fail_fraction,
         "delay_fraction": cfg.faults.delay_fraction,
         "delay_s": cfg.faults.delay_s,
         "fault_seed": cfg.faults.seed,
     }
+
+
+def build_app(cfg: ServeConfig) -> Application:
+    engine = cfg.engine.model_dump()
+    options = worker_options(cfg)
     prefill_ids, decode_ids = worker_ids(cfg)
     p_opts = _actor_options(cfg.prefill_resources, cfg.engine.num_threads)
     d_opts = _actor_options(cfg.decode_resources, cfg.engine.num_threads)

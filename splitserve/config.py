@@ -26,10 +26,35 @@ class HTTPConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the server to the network")
     port: int = Field(8000, ge=1, le=65535)
-    api_key: str | None = Field(None, description="when set, /v1 and /admin require 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(None, description="when set, every route but /health requires 'Authorization: Bearer <key>'")
+    api_key_file: str | None = Field(None, description="read the API key from this file (first line), keeping it out of `ps` and configs")
+    public_metrics: bool = Field(False, description="with an API key, leave /metrics open (for a Prometheus without credentials)")
     max_request_bytes: int = Field(4 * 2**20, ge=1024, description="larger bodies get HTTP 413")
     served_model_name: str | None = Field(None, description="name clients use in 'model'; the checkpoint path is accepted too")
     disconnect_poll_s: float = Field(0.5, gt=0, description="how often a non-streaming request checks that its client is still there")
+    allow_client_chat_template: bool = Field(False, description="accept a chat template in the request (rendered sandboxed and bounded)")
+    chat_template_timeout_s: float = Field(1.0, gt=0, description="a chat template render that takes longer is refused with HTTP 400")
+    max_metric_tenants: int = Field(100, ge=1, description="distinct tenant labels in /metrics; later tenants are counted as 'other'")
+
+    @model_validator(mode="after")
+    def _check_key(self) -> "HTTPConfig":
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set http.api_key or http.api_key_file, not both")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The API key, read from ``api_key_file`` when that is set (ValueError naming the file if unusable)."""
+        if self.api_key_file is None:
+            return self.api_key or None
+        path = Path(self.api_key_file).expanduser()
+        try:
+            text = path.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"http.api_key_file {str(path)!r} cannot be read: {e.strerror}") from e
+        key = text.splitlines()[0].strip() if text else ""
+        if not key:
+            raise ValueError(f"http.api_key_file {str(path)!r} is empty; write the key on its first line")
+        return key
 
 
 class WorkerResources(BaseModel):
@@ -52,6 +77,12 @@ class RoutingConfig(BaseModel):
     load_max_age_s: float = Field(5.0, gt=0, description="a worker whose load report is older is treated as unhealthy")
     prefill_timeout_s: float = Field(120.0, gt=0, description="queueing + prefill + transfer of one request")
     request_timeout_s: float = Field(600.0, gt=0, description="a whole request, end to end")
+    migration_limit: int = Field(3, ge=0, description="times one stream may move to another worker after its decode worker died (0: never)")
+    max_queue_wait_s: float | None = Field(
+        30.0, gt=0, description="refuse (503 + Retry-After) a request estimated to wait longer than this before its prefill starts; null: never",
+    )
+    degraded_mode: bool = Field(True, description="with no healthy decode worker, prefill workers serve whole requests (else 503)")
+    prefix_report_max_blocks: int = Field(16384, ge=0, description="cached-block hashes a worker's load report carries at most")
 
 
 class FaultConfig(BaseModel):
@@ -78,13 +109,31 @@ class ServeConfig(BaseModel):
     decode_resources: WorkerResources = Field(default_factory=WorkerResources)
     faults: FaultConfig = Field(default_factory=FaultConfig)
     transfer_timeout_s: float = Field(30.0, gt=0, description="one KV transfer")
+    kv_wait_timeout_s: float = Field(60.0, gt=0, description="decode side: how long a request waits for its KV once prefilled")
+    reservation_ttl_s: float | None = Field(
+        None, gt=0, description="decode blocks reserved for a request that never claims them are freed after this; "
+        "default: 300 s, or 60 s more than routing.prefill_timeout_s when that is longer",
+    )
     app_name: str = "splitserve"
 
     @model_validator(mode="after")
     def _check_mode(self) -> "ServeConfig":
         if self.mode == "disaggregated" and self.num_prefill < 1:
             raise ValueError("disaggregated mode needs num_prefill >= 1 (or use mode: aggregated)")
+        if self.reservation_ttl_s is not None and self.reservation_ttl_s <= self.routing.prefill_timeout_s:
+            raise ValueError(
+                f"reservation_ttl_s ({self.reservation_ttl_s:g}) must exceed routing.prefill_timeout_s "
+                f"({self.routing.prefill_timeout_s:g}): a reservation must outlive the prefill that fills it; "
+                "raise reservation_ttl_s or lower prefill_timeout_s"
+            )
         return self
+
+    @property
+    def reservation_ttl_seconds(self) -> float:
+        """``reservation_ttl_s``, or its default: 300 s, or 60 s past a longer ``routing.prefill_timeout_s``."""
+        if self.reservation_ttl_s is not None:
+            return self.reservation_ttl_s
+        return max(300.0, self.routing.prefill_timeout_s + 60.0)
 
     @property
     def num_prefill_workers(self) -> int:

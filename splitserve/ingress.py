@@ -5,9 +5,15 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when
 ``GET /admin/workers`` (per-worker load and KV blocks in use).
 
 Every bad request is answered with a 4xx and OpenAI's error body naming the
-problem: malformed JSON (400), a field out of range (400), an unknown model
-(404), a body over the size limit (413), a missing or wrong API key (401), a
-prompt that does not fit the context (400). No capacity: 503 with Retry-After.
+problem: malformed JSON, lone surrogates, nesting or integers it cannot hold
+(400), a field out of range (400), an unknown model (404), a body over the size
+limit (413), a body that is not ``application/json`` (415), a missing or wrong
+API key (401), a prompt that does not fit the context (400). No capacity: 503
+with Retry-After. Anything unexpected is a 500 saying "internal error (request
+id X)", its details in the log under that id (``splitserve.http_guard``): no
+response carries a traceback, path, address, pid or actor id. Parsing, the chat
+template and tokenizing run off the event loop (``splitserve.request_prep``).
+The request bodies' schemas are published in ``/openapi.json``.
 The app object is built by ``build_http_app(core)``; the Ray Serve ``Ingress``
 deployment (``splitserve.app``) wraps the same app.
 """
@@ -16,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
 import uuid
@@ -26,29 +30,23 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from splitserve import openai_protocol as oai
 from splitserve.config import ServeConfig
 from splitserve.engine.aio import cancel_and_wait
 from splitserve.engine.config import resolve_max_model_len
 from splitserve.engine.model_config import ModelConfig
+from splitserve.engine.sampling_params import InvalidSamplingParam
 from splitserve.engine.tokenizer import load_tokenizer
+from splitserve.http_guard import APIError, HTTPGuard, internal_error_message, public_message
 from splitserve.metrics import Metrics
+from splitserve.openapi_bodies import openapi_with_request_bodies, request_body_schema
+from splitserve.request_prep import PromptBuilder, off_loop
 from splitserve.router import RequestFailed, RoutedRequest, Router
 from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PromptTooLarge
 from splitserve.scheduler.worker_registry import WorkerRegistry
 
 logger = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(oai.error_body(self.message, self.type, self.param, self.status), status_code=self.status, headers=self.headers)
 
 
 class IngressCore:
@@ -63,44 +61,36 @@ class IngressCore:
         self.tokenizer = load_tokenizer(model_path)
         self.served_name = cfg.http.served_model_name or _default_name(cfg, model_path)
         self.model_names = list(dict.fromkeys([self.served_name, model_path, cfg.engine.model or model_path, *_aliases(cfg)]))
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_tenants=cfg.http.max_metric_tenants)
+        self.prep = PromptBuilder(self.tokenizer, self.vocab_size, cfg.http)
         r = cfg.routing
         self.registry = WorkerRegistry(
             prefill, decode, poll_interval_s=r.load_poll_interval_s, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware,
         )
-        policy = LeastLoadedPolicy(local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens)
-        self.router = Router(self.registry, self.metrics, mode=cfg.mode, policy=policy, max_attempts=r.max_attempts, prefill_timeout_s=r.prefill_timeout_s)
+        policy = LeastLoadedPolicy(
+            local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens,
+            degraded_mode=r.degraded_mode,
+        )
+        self.router = Router(
+            self.registry, self.metrics, mode=cfg.mode, policy=policy, max_attempts=r.max_attempts, prefill_timeout_s=r.prefill_timeout_s,
+            migration_limit=r.migration_limit, max_queue_wait_s=r.max_queue_wait_s,
+        )
 
     # ---- request preparation -----------------------------------------------------
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.model_names:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.served_name!r}", "NotFoundError", "model")
 
-    def tokenize_prompt(self, req: oai.CompletionRequest) -> list[int]:
-        if req.prompt_token_ids is not None:
-            ids = list(req.prompt_token_ids)
-        else:
-            if self.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send the prompt as a list of token ids", param="prompt")
-            ids = self.tokenizer.encode(req.prompt_text or "")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size - 1}]; got {bad[:5]}", param="prompt")
-        return ids
+    async def prompt_ids(self, req: oai.CompletionRequest | oai.ChatCompletionRequest, chat: bool) -> list[int]:
+        """Template and tokenize off the event loop (see ``splitserve.request_prep``)."""
+        if not chat:
+            return await off_loop(self.prep.completion_ids, req)
+        text = await self.prep.chat_text_bounded(req)
+        return await off_loop(self.prep.chat_ids, text)
 
-    def tokenize_chat(self, req: oai.ChatCompletionRequest) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                req.conversation(), add_generation_prompt=req.add_generation_prompt,
-                continue_final_message=req.continue_final_message, tokenize=False, **(req.chat_template_kwargs or {}),
-            )
-        except Exception as e:  # template errors (unsupported role, ...) are the client's
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def routed(self, req: oai.CompletionRequest | oai.ChatCompletionRequest, prompt_ids: list[int], chat: bool) -> RoutedRequest:
+    def routed(
+        self, req: oai.CompletionRequest | oai.ChatCompletionRequest, prompt_ids: list[int], chat: bool, req_id: str | None = None,
+    ) -> RoutedRequest:
         n = len(prompt_ids)
         param = "messages" if chat else "prompt"
         if n == 0:
@@ -112,7 +102,7 @@ class IngressCore:
         try:
             params = req.to_sampling_params(default_max)
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param=e.field if isinstance(e, InvalidSamplingParam) else None) from e
         if n + params.max_tokens > self.max_model_len:
             raise APIError(
                 400,
@@ -123,13 +113,13 @@ class IngressCore:
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise APIError(400, f"stop_token_ids must be in [0, {self.vocab_size - 1}]; got {bad_stop}", param="stop_token_ids")
-        return RoutedRequest(uuid.uuid4().hex, prompt_ids, params, priority=req.priority, tenant=req.tenant)
+        return RoutedRequest(req_id or uuid.uuid4().hex, prompt_ids, params, priority=req.priority, tenant=req.tenant)
 
     # ---- streaming ---------------------------------------------------------------
     async def chunks(self, rreq: RoutedRequest) -> AsyncIterator[dict[str, Any]]:
         """The router's chunks with metrics recorded and the whole request bounded in time."""
         self.registry.start()
-        tenant = rreq.tenant or "default"
+        tenant = self.metrics.tenant_label(rreq.tenant)  # bounded: at most http.max_metric_tenants labels
         m, mode = self.metrics, self.cfg.mode
         limit_s = self.cfg.routing.request_timeout_s
         last = None
@@ -182,51 +172,29 @@ def _default_name(cfg: ServeConfig, model_path: str) -> str:
     return model_path.rstrip("/").split("/")[-1]
 
 
-def _error_for(e: BaseException) -> APIError:
+def _error_for(e: BaseException, req_id: str | None = None) -> APIError:
+    """The client's view of a routing or serving failure: a short reason, never internals (see ``public_message``)."""
     if isinstance(e, PromptTooLarge):
-        return APIError(400, str(e), param="prompt")
+        return APIError(400, public_message(e), param="prompt")
     if isinstance(e, NoWorkerAvailable):
         retry = max(1, round(e.retry_after_s or 1))
-        return APIError(503, f"no worker can take the request now: {e}", "ServiceUnavailableError", headers={"Retry-After": str(retry)})
-    return APIError(500, str(e), "InternalServerError")
+        return APIError(503, f"no worker can take the request now: {public_message(e)}", "ServiceUnavailableError", headers={"Retry-After": str(retry)})
+    logger.error("request %s failed: %s", req_id, e, exc_info=e)  # the whole story, server-side only
+    message = public_message(e, req_id) if isinstance(e, RequestFailed) else internal_error_message(req_id)
+    return APIError(500, message, "InternalServerError")
 
 
-class _Guard:
-    """API key and body-size checks before any route runs, as a plain ASGI middleware.
-
-    Not ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` wraps
-    ``receive`` in a task group that swallows an ``http.disconnect`` read under
-    ``Request.is_disconnected()``, so a route could never notice a client leave.
-    """
-
-    def __init__(self, app: Any, http: Any) -> None:
-        self.app, self.cfg = app, http
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            error = self._check(scope["path"], {k.lower(): v for k, v in scope["headers"]})
-            if error is not None:
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    def _check(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
-        cfg = self.cfg
-        if cfg.api_key and (path.startswith("/v1") or path.startswith("/admin")):
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {cfg.api_key}".encode()):
-                return APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "AuthenticationError")
-        length = headers.get(b"content-length", b"").decode("latin-1")
-        if length.isdigit() and int(length) > cfg.max_request_bytes:
-            return APIError(413, f"request body of {length} bytes exceeds the limit of {cfg.max_request_bytes} bytes")
-        return None
+def _ended_early(finish: str | None, req_id: str) -> APIError:
+    """A stream that finished without "stop" or "length": the engine ended it ("error": this request alone failed)."""
+    reason = "generation failed for this request" if finish == "error" else f"the request ended early ({finish})"
+    return APIError(500, f"{reason} (request id {req_id})", "InternalServerError")
 
 
 def build_http_app(core: IngressCore) -> FastAPI:
     cfg = core.cfg.http
     app = FastAPI(title="splitserve", version="0.1.0")
-
-    app.add_middleware(_Guard, http=cfg)
+    app.add_middleware(HTTPGuard, http=cfg, api_key=cfg.resolved_api_key())
+    app.openapi = lambda: openapi_with_request_bodies(app)
 
     async def parse(request: Request, model: type) -> Any:
         body = bytearray()
@@ -234,36 +202,27 @@ def build_http_app(core: IngressCore) -> FastAPI:
             body += part
             if len(body) > cfg.max_request_bytes:
                 raise APIError(413, f"request body exceeds the limit of {cfg.max_request_bytes} bytes")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
-        try:
-            return model.model_validate(data)
-        except ValidationError as e:
-            body = oai.validation_error_body(e)["error"]
-            raise APIError(400, body["message"], param=body["param"]) from e
+        return await off_loop(core.prep.parse, bytes(body), model)
 
     async def serve_request(request: Request, chat: bool) -> Response:
+        req_id = request.state.request_id  # set by HTTPGuard; the request's id on every worker and in every log line
         try:
             req = await parse(request, oai.ChatCompletionRequest if chat else oai.CompletionRequest)
             core.check_model(req.model)
-            prompt_ids = core.tokenize_chat(req) if chat else core.tokenize_prompt(req)
-            rreq = core.routed(req, prompt_ids, chat)
+            prompt_ids = await core.prompt_ids(req, chat)
+            rreq = core.routed(req, prompt_ids, chat, req_id)
             core.registry.start()
             core.router.check_capacity(rreq)  # a full cluster is a 503 with Retry-After, also for streams
         except APIError as e:
             return e.response()
         except NoWorkerAvailable as e:
-            core.metrics.requests.labels("rejected", req.tenant or "default").inc()
-            return _error_for(e).response()
+            core.metrics.requests.labels("rejected", core.metrics.tenant_label(req.tenant)).inc()
+            return _error_for(e, req_id).response()
         model = req.model or core.served_name
         created = int(time.time())
         if req.stream:
             stream = _sse(core, rreq, model, created, chat, req.include_usage, req.return_token_ids)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return _ClosingStreamingResponse(stream, media_type="text/event-stream")
         text, token_ids, finish, n_out = [], [], None, 0
 
         async def collect() -> None:
@@ -277,9 +236,9 @@ def build_http_app(core: IngressCore) -> FastAPI:
             if not await _unless_disconnected(request, collect(), core.cfg.http.disconnect_poll_s):
                 return Response(status_code=499)  # nobody is listening; the request was aborted on its worker
         except (NoWorkerAvailable, RequestFailed) as e:
-            return _error_for(e).response()
+            return _error_for(e, req_id).response()
         if finish not in ("stop", "length"):
-            return APIError(500, f"request ended: {finish}", "InternalServerError").response()
+            return _ended_early(finish, req_id).response()
         build = oai.chat_completion_response if chat else oai.completion_response
         body = build(rreq.req_id, model, "".join(text), finish, len(prompt_ids), n_out, created)
         if req.return_token_ids:
@@ -287,11 +246,11 @@ def build_http_app(core: IngressCore) -> FastAPI:
             body["prompt_token_ids"] = prompt_ids
         return JSONResponse(body)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body_schema(oai.CompletionRequest))
     async def completions(request: Request) -> Response:
         return await serve_request(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(oai.ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await serve_request(request, chat=True)
 
@@ -305,21 +264,40 @@ def build_http_app(core: IngressCore) -> FastAPI:
         healthy = core.registry.healthy_ids()
         decoders = [w for w in core.registry.decode if w in healthy]
         prefills = [w for w in core.registry.prefill if w in healthy]
-        ok = bool(decoders) and (core.cfg.mode == "aggregated" or bool(prefills))
-        body = {"status": "ok" if ok else "unavailable", "healthy_decode": decoders, "healthy_prefill": prefills}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        state = core.router.serving_state()  # "degraded": one role serves for the missing other (200)
+        body = {"status": state.status, "healthy_decode": decoders, "healthy_prefill": prefills}
+        if state.status != "ok":
+            body["detail"] = state.detail
+        return JSONResponse(body, status_code=200 if state.is_serving else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         core.metrics.update_workers(list(core.registry.reports.values()), core.registry.healthy_ids())
+        core.metrics.degraded.set(core.router.serving_state().status == "degraded")
         return Response(core.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/workers")
     async def workers() -> dict:
         healthy = core.registry.healthy_ids()
-        return {"workers": [{**rep, "healthy": wid in healthy} for wid, rep in sorted(core.registry.reports.items())]}
+        workers = [{**rep, "healthy": wid in healthy} for wid, rep in sorted(core.registry.reports.items())]
+        return {"workers": workers, **core.router.summary()}  # + serving state, fallbacks, migrations, cleanups
 
     return app
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends, so the request is aborted on its worker at once.
+
+    When the client leaves, Starlette stops iterating the body (ASGI spec >= 2.4:
+    ``send`` raises ``OSError``) but leaves the generator to the garbage
+    collector; until then the request keeps decoding for nobody.
+    """
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[None], poll_s: float) -> bool:
@@ -358,7 +336,10 @@ async def _sse(
             n_out = chunk["num_output_tokens"]
             finish = chunk["finish_reason"] if chunk["finished"] else None
             if finish not in (None, "stop", "length"):
-                raise RequestFailed(f"request ended: {finish}")
+                err = _ended_early(finish, rid)
+                yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
+                yield oai.sse_event("[DONE]")
+                return
             text = chunk["new_text"]
             if not text and finish is None and not (return_token_ids and chunk["new_token_ids"]):
                 continue
@@ -369,8 +350,8 @@ async def _sse(
             if return_token_ids:
                 event["choices"][0]["token_ids"] = chunk["new_token_ids"]
             yield oai.sse_event(event)
-    except (NoWorkerAvailable, RequestFailed) as e:
-        err = _error_for(e)
+    except Exception as e:  # the stream ends with an error event, never silently; details only in the log
+        err = _error_for(e, rid)
         yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
         yield oai.sse_event("[DONE]")
         return

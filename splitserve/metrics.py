@@ -5,10 +5,17 @@ transfer bytes and seconds) are observed where requests pass; per-worker numbers
 (queue depth, KV blocks in use, requests served) are copied from the workers'
 load reports at scrape time, so imbalance between workers is visible. Each
 ingress owns a registry of its own (several apps may share a process in tests).
+
+Tenant labels come from clients, so they are bounded twice: the edge refuses a
+tenant that does not match ``TENANT_PATTERN`` (printable, at most 64 characters;
+a lone surrogate once made every later scrape fail to encode), and
+``tenant_label`` maps tenants beyond the first ``max_tenants`` seen to
+``"other"``, so /metrics cannot grow without bound.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -16,8 +23,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
 
 
+TENANT_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+DEFAULT_TENANT = "default"  # requests that name no tenant
+OTHER_TENANT = "other"  # tenants past the cardinality cap
+_TENANT_RE = re.compile(TENANT_PATTERN)
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_tenants: int = 100) -> None:
+        self.max_tenants = max_tenants
+        self._tenants: set[str] = set()
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram("splitserve_time_to_first_token_seconds", "Time to first token", ["mode"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("splitserve_inter_token_latency_seconds", "Time between streamed tokens", ["mode"], buckets=LATENCY_BUCKETS, registry=r)
@@ -36,6 +51,30 @@ class Metrics:
         self.kv_blocks_total = Gauge("splitserve_kv_blocks_total", "KV blocks in a worker's pool", ["worker"], registry=r)
         self.worker_requests = Gauge("splitserve_worker_requests", "Requests a worker has received since it started", ["role", "worker"], registry=r)
         self.worker_healthy = Gauge("splitserve_worker_healthy", "1 when the worker's last load report is fresh", ["role", "worker"], registry=r)
+        self.fallbacks = Counter(
+            "splitserve_fallbacks", "Departures from the normal path by reason (local prefill, degraded mode, retries, migrations)",
+            ["reason"], registry=r,
+        )
+        self.migrations = Counter("splitserve_migrations", "Streams resumed on another worker after theirs died", registry=r)
+        self.cleanup_failures = Counter(
+            "splitserve_cleanup_failures", "Release/abort calls that did not complete (the worker's reaper frees them)", ["call"], registry=r,
+        )
+        self.degraded = Gauge("splitserve_degraded", "1 while a role is down and the other serves whole requests", registry=r)
+
+    def tenant_label(self, tenant: str | None) -> str:
+        """The label a request's tenant is counted under: itself while fewer than ``max_tenants`` are known, else "other".
+
+        The edge validates tenants; anything that still does not match the
+        pattern (a caller that skipped the edge) is counted as "other" too.
+        """
+        if tenant is None:
+            return DEFAULT_TENANT
+        if tenant in self._tenants:
+            return tenant
+        if len(self._tenants) >= self.max_tenants or not _TENANT_RE.fullmatch(tenant):
+            return OTHER_TENANT
+        self._tenants.add(tenant)
+        return tenant
 
     def update_workers(self, reports: list[dict[str, Any]], healthy: set[str]) -> None:
         for rep in reports:

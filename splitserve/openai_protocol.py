@@ -24,7 +24,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.sampling_params import INT64_MAX, SamplingParams
+from splitserve.metrics import TENANT_PATTERN
 
 FinishReason = Literal["stop", "length"]
 _FINISH_REASONS = ("stop", "length")
@@ -64,14 +65,14 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0, description="0 (or below 1e-5) is greedy; finite")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = None
+    top_k: int | None = Field(None, le=INT64_MAX, description="-1 or 0: off; above the vocabulary: keeps every token")
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, description="any integer; reduced modulo 2**64 for the generator")
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stream: bool = False
@@ -87,8 +88,8 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # vLLM extension: each choice also carries its token ids
     # splitserve extensions
-    priority: int = 0
-    tenant: str | None = None
+    priority: int = Field(0, ge=-INT64_MAX - 1, le=INT64_MAX, description="lower is served first (vLLM's convention)")
+    tenant: str | None = Field(None, pattern=TENANT_PATTERN, description="label for per-tenant metrics: 1-64 of A-Z a-z 0-9 . _ : -")
 
     @field_validator("top_k")
     @classmethod
@@ -224,7 +225,8 @@ class ChatCompletionRequest(_SamplingRequest):
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = Field(None, description="a client's own template: refused unless the server allows it")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="extra template variables (and chat_template, as vLLM accepts it)")
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:

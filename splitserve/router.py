@@ -1,22 +1,30 @@
-"""One request's journey through the workers: pick a pair, reserve, prefill, transfer, decode.
+"""One request's journey through the workers: admit, pick a pair, try, retry, migrate.
 
-``Router.stream(req)`` yields the decode worker's chunks (dicts with new token ids
-and text). Disaggregated: reserve blocks on D (back-pressure: ``WorkerBusy``
-moves on to another D), prefill on P which writes the KV into D's blocks over
-NIXL, then stream from D. Aggregated, or when the policy prefers local prefill:
-stream ``generate`` from one worker.
+``Router.stream(req)`` yields the worker's chunks (dicts with new token ids and
+text). Each attempt (``splitserve.dispatch``) reserves on a decode worker,
+prefills on a prefill worker that writes the KV over NIXL, and streams from the
+decode worker; or streams ``generate`` from one worker when the policy prefers
+local prefill.
 
-Failures never hang and never leak: every remote call is bounded by a timeout;
-a failed prefill or transfer releases D's reservation and the request is retried
-on another pair (the failed worker excluded) up to ``max_attempts``, and the last
-attempt prefills on the decode worker itself. When the decode workers refuse for
-lack of room (``WorkerBusy``) until none is left, the request ends with
-``NoWorkerAvailable`` (back-pressure, HTTP 503), not a failure. A reservation
-whose answer never came (timeout, cancellation) is released all the same, since
-D may still make it after the caller stopped waiting. A decode worker that fails before
-the first token is retried elsewhere; after tokens were streamed the error ends
-the stream. A consumer that stops early (client gone) cancels the remote stream
-and aborts the request on D, which frees its blocks.
+Admission by deadline: ``check_capacity`` (called before a stream starts)
+refuses a request with ``NoWorkerAvailable`` (HTTP 503 + Retry-After) when no
+worker can take it, and with ``QueueWaitTooLong`` when it would queue longer
+than ``max_queue_wait_s`` before its prefill starts (``QueueWaitEstimator``).
+
+Failures never hang and never leak. Before the first chunk, a failed attempt is
+retried on another pair with the failed worker excluded, up to
+``max_attempts``; the last attempt prefills on the decode worker itself. When
+the decode workers refuse for lack of room (``WorkerBusy``) until none is left,
+the request ends with ``NoWorkerAvailable`` (back-pressure), not a failure.
+After the first chunk, a worker failure is a *migration*
+(``splitserve.migration``): the request resumes on another worker from prompt +
+the tokens already streamed, up to ``migration_limit`` times; the client's
+stream goes on. When a whole role is down the policy lets the other role serve
+whole requests (degraded mode). Every departure from the normal path (local
+prefill for want of a prefill worker, degraded mode, retries, migrations) is
+counted by reason in ``splitserve_fallbacks_total`` and in ``fallback_counts``
+(shown by ``/admin/workers``). Error messages name the role and worker and the
+cause in one line, never a remote traceback (``splitserve.failures``).
 """
 
 from __future__ import annotations
@@ -25,19 +33,28 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitserve.cleanup import Janitor
+from splitserve.dispatch import Dispatcher, RetryableError
 from splitserve.engine.block_pool import compute_block_hashes
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.worker_messages import ResumeRequest
+from splitserve.failures import describe
 from splitserve.metrics import Metrics
+from splitserve.migration import NotMigrated, StreamBroken, StreamProgress, plan_migration
 from splitserve.scheduler import (
-    LeastLoadedPolicy, NoWorkerAvailable, PairDecision, PairingPolicy, PairRequest, WorkerBusy, WorkerLoad,
+    Fallback, LeastLoadedPolicy, NoWorkerAvailable, PairDecision, PairingPolicy, PairRequest, QueueWaitEstimator,
+    ServingState, WorkerBusy, WorkerLoad, serving_state,
 )
-from splitserve.scheduler.worker_registry import WorkerRegistry, _call
+from splitserve.scheduler.worker_registry import WorkerRegistry
 
 logger = logging.getLogger(__name__)
+
+CLEANUP_TIMEOUT_S = 90.0
 
 
 @dataclass
@@ -58,20 +75,68 @@ class RequestFailed(RuntimeError):
 class Router:
     def __init__(
         self, registry: WorkerRegistry, metrics: Metrics, *, mode: str, policy: PairingPolicy | None = None,
-        max_attempts: int = 3, prefill_timeout_s: float = 120.0, call_timeout_s: float = 10.0,
+        max_attempts: int = 3, prefill_timeout_s: float = 120.0, call_timeout_s: float = 10.0, migration_limit: int = 3,
+        max_queue_wait_s: float | None = None,
     ):
         self.registry = registry
         self.metrics = metrics
         self.mode = mode
         self.policy = policy or LeastLoadedPolicy()
         self.max_attempts = max_attempts
-        self.prefill_timeout_s = prefill_timeout_s
-        self.call_timeout_s = call_timeout_s
+        self.migration_limit = migration_limit
+        self.fallback_counts: Counter[str] = Counter()
+        self.num_migrations = 0
+        self.admission = QueueWaitEstimator(max_queue_wait_s)
+        registry.report_hooks.append(self._on_report)
+        # cleanups run detached (callers wait 2 s at most), so they may wait out a replica restart: a call to a
+        # killed replica is held by Serve until its replacement answers it (which holds nothing to free)
+        self.janitor = Janitor(timeout_s=CLEANUP_TIMEOUT_S, on_failure=lambda kind: metrics.cleanup_failures.labels(kind).inc())
+        self.dispatch = Dispatcher(
+            registry, metrics, self.janitor, prefill_timeout_s=prefill_timeout_s, call_timeout_s=call_timeout_s,
+            admission=self.admission,
+        )
 
-    def _pair_request(self, req: RoutedRequest, loads: list[WorkerLoad]) -> PairRequest:
+    def _on_report(self, worker_id: str, report: dict[str, Any]) -> None:
+        self.admission.on_report(worker_id, report["num_queued_tokens"], time.monotonic())
+
+    def _fallback(self, reason: Fallback | str) -> None:
+        label = reason.value if isinstance(reason, Fallback) else reason
+        self.fallback_counts[label] += 1
+        self.metrics.fallbacks.labels(label).inc()
+
+    # ---- what the operator sees ----------------------------------------------------
+    def serving_state(self) -> ServingState:
+        """ok / degraded (which role is missing, who stands in) / unavailable, from the healthy workers."""
+        return serving_state(
+            self.registry.loads(), num_prefill_expected=len(self.registry.prefill),
+            degraded_mode=getattr(self.policy, "degraded_mode", False),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The router's side of ``/admin/workers``: serving state, fallbacks by reason, migrations, cleanups, admission."""
+        state = self.serving_state()
+        rates = {w: self.admission.tokens_per_s(w) for w in self.registry.prefill | self.registry.decode}
+        return {
+            "serving": {"status": state.status, "detail": state.detail},
+            "fallbacks": dict(sorted(self.fallback_counts.items())),
+            "migrations": self.num_migrations,
+            "workers_found_dead": dict(sorted(self.registry.num_deaths_seen.items())),  # calls that found each dead
+            "cleanup": {"started": self.janitor.num_started, "failed": self.janitor.num_failed, "pending": self.janitor.num_pending},
+            "admission": {
+                "max_queue_wait_s": self.admission.max_queue_wait_s,
+                "prefill_tokens_per_s": {w: round(r, 1) for w, r in sorted(rates.items()) if r is not None},
+            },
+        }
+
+    # ---- choosing workers --------------------------------------------------------
+    def _pair_request(self, req: RoutedRequest, loads: list[WorkerLoad], resume: ResumeRequest | None = None,
+                      local_only: bool = False) -> PairRequest:
+        if resume is not None:  # prompt + streamed tokens, prefilled where it decodes
+            n = len(resume.prompt_token_ids) + len(resume.output_token_ids)
+            return PairRequest(resume.req_id, n, req.params.max_tokens, priority=req.priority, tenant=req.tenant, local_only=True)
         return PairRequest(
             req.req_id, len(req.prompt_token_ids), req.params.max_tokens, block_hashes=self._block_hashes(req, loads),
-            priority=req.priority, tenant=req.tenant,
+            priority=req.priority, tenant=req.tenant, local_only=local_only,
         )
 
     @staticmethod
@@ -84,141 +149,102 @@ class Router:
         return req.block_hashes
 
     def check_capacity(self, req: RoutedRequest) -> None:
-        """Raise ``NoWorkerAvailable`` now if no worker could take ``req`` (lets HTTP answer 503 before streaming)."""
+        """Raise ``NoWorkerAvailable`` now if no worker could take ``req``, ``QueueWaitTooLong`` if it would wait
+        past the budget (lets HTTP answer 503 before streaming)."""
         loads = self.registry.loads()
-        self.policy.pick(self._pair_request(req, loads), loads, frozenset())
+        decision = self.policy.pick(self._pair_request(req, loads), loads, frozenset())
+        prefiller = decision.prefill_worker_id or decision.decode_worker_id
+        ahead = next((w.num_queued_tokens for w in loads if w.worker_id == prefiller), 0)
+        self.admission.check(prefiller, ahead)
 
-    def _pick(self, req: RoutedRequest, exclude: set[str], force_local: bool) -> PairDecision:
+    def _pick(self, req: RoutedRequest, exclude: set[str], local_only: bool, resume: ResumeRequest | None) -> PairDecision:
         loads = self.registry.loads()
-        pair_req = self._pair_request(req, loads)
-        if force_local:
-            loads = [w for w in loads if w.worker_id not in self.registry.prefill]
+        pair_req = self._pair_request(req, loads, resume, local_only)
         decision = self.policy.pick(pair_req, loads, frozenset(exclude))
         self.registry.view.reserve_decision(decision, pair_req)
+        if decision.fallback is not None:
+            self._fallback(decision.fallback)
+        elif local_only and resume is None:
+            self._fallback(Fallback.RETRY_LOCAL_PREFILL)
         return decision
 
+    # ---- serving -----------------------------------------------------------------
     async def stream(self, req: RoutedRequest) -> AsyncIterator[dict[str, Any]]:
+        progress = StreamProgress()
+        resume: ResumeRequest | None = None
         exclude: set[str] = set()
+        while True:
+            try:
+                async with contextlib.aclosing(self._attempts(req, exclude, progress, resume)) as chunks:
+                    async for chunk in chunks:
+                        progress.record(chunk)
+                        yield chunk
+                return
+            except StreamBroken as broken:
+                try:
+                    resume = plan_migration(
+                        req.req_id, req.prompt_token_ids, req.params, req.priority, progress, broken, self.migration_limit,
+                    )
+                except NotMigrated as e:
+                    raise RequestFailed(str(e)) from broken.cause
+                exclude = {broken.worker_id}
+                self.num_migrations += 1
+                self.metrics.migrations.inc()
+                self._fallback(Fallback.MIGRATION)
+                logger.warning(
+                    "request %s: %s failed after %d streamed tokens (%s); resuming elsewhere (migration %d of at most %d)",
+                    req.req_id, broken.worker_id, len(progress.output_token_ids), describe(broken.cause),
+                    progress.num_migrations, self.migration_limit,
+                )
+
+    async def _attempts(
+        self, req: RoutedRequest, exclude: set[str], progress: StreamProgress, resume: ResumeRequest | None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Try pairs until one streams; raises ``StreamBroken`` when the one streaming fails after its first chunk."""
         last_error: BaseException | None = None
         for attempt in range(1, self.max_attempts + 1):
-            force_local = attempt == self.max_attempts and attempt > 1
+            local_only = resume is not None or (attempt == self.max_attempts and attempt > 1)
             try:
-                decision = self._pick(req, exclude, force_local)
+                decision = self._pick(req, exclude, local_only, resume)
             except NoWorkerAvailable as e:
                 if last_error is None:
                     raise
-                if isinstance(last_error, WorkerBusy):  # the decode workers left are full: back-pressure (503), not a failure
+                if _is_busy(last_error):  # the decode workers left are full: back-pressure (503), not a failure
                     raise NoWorkerAvailable(f"{e}; last refusal: {last_error}", retry_after_s=e.retry_after_s) from last_error
-                raise RequestFailed(f"request {req.req_id} failed after {attempt - 1} attempt(s): {last_error}") from last_error
+                raise RequestFailed(f"request {req.req_id} failed after {attempt - 1} attempt(s): {_last(last_error)}") from last_error
             yielded = False
             try:
-                async with contextlib.aclosing(self._attempt(req, decision)) as chunks:
+                async with contextlib.aclosing(self.dispatch.attempt(req, decision, resume)) as chunks:
                     async for chunk in chunks:
+                        if not yielded:
+                            progress.worker_ids.append(decision.decode_worker_id)
                         yielded = True
                         yield chunk
                 return
             except (asyncio.CancelledError, GeneratorExit):
                 raise
-            except _RetryableError as e:
-                last_error = e.cause
+            except RetryableError as e:
+                last_error = e
                 exclude.add(e.worker_id)
                 self.metrics.retries.labels(e.reason).inc()
-                logger.warning("request %s attempt %d failed (%s on %s): %r", req.req_id, attempt, e.reason, e.worker_id, e.cause)
+                self._fallback(f"retry_{e.reason}")
+                logger.warning("request %s attempt %d failed: %s", req.req_id, attempt, e)
             except Exception as e:
                 if yielded:
-                    raise RequestFailed(f"request {req.req_id} failed while streaming from {decision.decode_worker_id}: {e}") from e
-                last_error = e
+                    raise StreamBroken(decision.decode_worker_id, e) from e
+                last_error = RetryableError("decode_failed", decision.decode_worker_id, e)
                 exclude.add(decision.decode_worker_id)
                 self.metrics.retries.labels("decode_failed").inc()
-                logger.warning("request %s attempt %d failed on decode %s: %r", req.req_id, attempt, decision.decode_worker_id, e)
-        if isinstance(last_error, WorkerBusy):
+                self._fallback("retry_decode_failed")
+                logger.warning("request %s attempt %d failed: %s", req.req_id, attempt, last_error)
+        if _is_busy(last_error):
             raise NoWorkerAvailable(f"request {req.req_id}: no decode worker had room: {last_error}") from last_error
-        raise RequestFailed(f"request {req.req_id} failed after {self.max_attempts} attempts: {last_error}") from last_error
-
-    async def _attempt(self, req: RoutedRequest, decision: PairDecision) -> AsyncIterator[dict[str, Any]]:
-        d_id, p_id = decision.decode_worker_id, decision.prefill_worker_id
-        d = self.registry.handle(d_id)
-        sampling = req.params.to_dict()
-        body = {"req_id": req.req_id, "prompt_token_ids": req.prompt_token_ids, "sampling": sampling, "priority": req.priority}
-        if p_id is None:
-            self.metrics.routed.labels(d_id, "local").inc()
-            async with contextlib.aclosing(self._remote_stream(d, "generate", body, d_id)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
-        try:
-            dst = await asyncio.wait_for(_call(d.reserve_for, req.req_id, req.prompt_token_ids), self.call_timeout_s)
-        except BaseException as e:
-            if not isinstance(e, (WorkerBusy, ValueError)):
-                # no answer (timeout, cancelled, worker error): D may still make the reservation after we
-                # stopped waiting, and nobody would claim it; the release is queued behind it and undoes it
-                await _release_quietly(d, req.req_id)
-            if not isinstance(e, Exception):
-                raise
-            raise _RetryableError("decode_busy" if isinstance(e, WorkerBusy) else "reserve_failed", d_id, e) from e
-        self.metrics.routed.labels(d_id, "decode").inc()
-        self.metrics.routed.labels(p_id, "prefill").inc()
-        p = self.registry.handle(p_id)
-        prefill_call = p.prefill.remote({**body, "decode_worker_id": d_id, "dst_block_ids": dst["block_ids"],
-                                         "dst_num_cached_blocks": dst["num_cached_blocks"]})
-        try:
-            result = await asyncio.wait_for(_as_awaitable(prefill_call), self.prefill_timeout_s)
-        except BaseException as e:
-            _cancel(prefill_call)
-            await _release_quietly(d, req.req_id)
-            if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-                raise
-            raise _RetryableError("prefill_failed", p_id, e) from e
-        self.metrics.transfer_bytes.inc(result["transfer_bytes"])
-        self.metrics.transfer_seconds.observe(result["transfer_s"])
-        if result.get("num_cached_tokens"):
-            self.metrics.prefix_cached_tokens.inc(result["num_cached_tokens"])
-        body["first_token"] = result["first_token"]
-        async with contextlib.aclosing(self._remote_stream(d, "generate_prefilled", body, d_id)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def _remote_stream(self, handle: Any, method: str, body: dict, worker_id: str) -> AsyncIterator[dict[str, Any]]:
-        gen = getattr(handle.options(stream=True), method).remote(body)
-        finished = False
-        try:
-            async for chunk in gen:
-                finished = chunk["finished"]
-                yield chunk
-        finally:
-            if not finished:
-                _cancel(gen)
-                await _abort_quietly(handle, body["req_id"])
+        raise RequestFailed(f"request {req.req_id} failed after {self.max_attempts} attempts: {_last(last_error)}") from last_error
 
 
-class _RetryableError(Exception):
-    def __init__(self, reason: str, worker_id: str, cause: BaseException):
-        super().__init__(f"{reason} on {worker_id}: {cause!r}")
-        self.reason, self.worker_id, self.cause = reason, worker_id, cause
+def _is_busy(error: BaseException | None) -> bool:
+    return isinstance(error, RetryableError) and isinstance(error.cause, WorkerBusy)
 
 
-async def _as_awaitable(call: Any) -> Any:
-    return await call
-
-
-def _cancel(call: Any) -> None:
-    cancel = getattr(call, "cancel", None)
-    if cancel is not None:
-        try:
-            cancel()
-        except Exception:
-            pass
-
-
-async def _release_quietly(handle: Any, req_id: str) -> None:
-    try:
-        await asyncio.shield(asyncio.wait_for(_call(handle.release, req_id), 10.0))
-    except BaseException as e:  # the reaper on D frees it eventually
-        logger.warning("release of %s failed: %r", req_id, e)
-
-
-async def _abort_quietly(handle: Any, req_id: str) -> None:
-    try:
-        await asyncio.shield(asyncio.wait_for(_call(handle.abort, req_id), 10.0))
-    except BaseException as e:
-        logger.warning("abort of %s failed: %r", req_id, e)
+def _last(error: BaseException | None) -> str:
+    return str(error) if isinstance(error, RetryableError) else describe(error) if error is not None else "no attempt made"

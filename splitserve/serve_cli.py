@@ -1,4 +1,12 @@
-"""``splitserve serve``: start (or join) Ray, deploy the application, wait until it answers, serve until Ctrl-C."""
+"""``splitserve serve``: start (or join) Ray, deploy the application, wait until it answers, serve until Ctrl-C.
+
+A local server (no ``RAY_ADDRESS``) keeps its internals on the loopback interface:
+Ray's GCS, raylet, object manager and workers bind 127.0.0.1 (``LOCAL_ENV``:
+Ray's single-machine mode, which it uses on macOS and Windows), and UCX, which
+carries the KV cache between workers, uses only the ``lo`` device, so NIXL
+listens on 127.0.0.1 too. Only the HTTP port is meant to be reached (and only
+on ``--host``). Joining a cluster changes nothing: its nodes must reach each other.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +30,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=None, help="decode (or aggregated) workers (default 1)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"), help="require this bearer token (env SPLITSERVE_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
+                   help="require this bearer token (env SPLITSERVE_API_KEY; a flag shows in `ps`: prefer the env or --api-key-file)")
+    p.add_argument("--api-key-file", default=None, help="read the bearer token from the first line of this file")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--worker-cpus", type=float, default=None, help="Ray CPU share per worker (default 1)")
@@ -41,7 +51,8 @@ def config_from_args(args: argparse.Namespace):
     base = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     overrides = {
         "engine.model": args.model, "mode": args.mode, "num_prefill": args.prefill, "num_decode": args.decode,
-        "http.host": args.host, "http.port": args.port, "http.api_key": args.api_key, "http.served_model_name": args.served_model_name,
+        "http.host": args.host, "http.port": args.port, "http.served_model_name": args.served_model_name,
+        "http.api_key": None if args.api_key_file else args.api_key, "http.api_key_file": args.api_key_file,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
         "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes, "engine.deterministic": args.deterministic,
         "prefill_resources.num_cpus": args.worker_cpus, "decode_resources.num_cpus": args.worker_cpus,
@@ -50,6 +61,26 @@ def config_from_args(args: argparse.Namespace):
     if args.mode == "aggregated" and args.prefill is None:
         overrides["num_prefill"] = 0
     return base.with_overrides(overrides)
+
+
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's node address becomes 127.0.0.1, and its servers bind there
+    "UCX_NET_DEVICES": "lo",  # UCX (NIXL's transport) listens and connects on loopback only
+}
+
+
+def use_loopback_only() -> None:
+    """Keep a local Ray and NIXL off the network (see the module docstring); an operator's own setting wins.
+
+    The variables reach every process of the local Ray (raylet, workers), which
+    inherit this one's environment; this process has imported Ray already, so
+    its copy of the flag is set too.
+    """
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
 
 
 def start_ray(cfg) -> None:
@@ -61,6 +92,7 @@ def start_ray(cfg) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    use_loopback_only()
     need = cfg.num_prefill_workers * cfg.prefill_resources.num_cpus + cfg.num_decode * cfg.decode_resources.num_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999) + 1), include_dashboard=False, log_to_driver=True)
 
@@ -103,6 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_model(cfg)  # a clear error before Ray starts
+    cfg.http.resolved_api_key()  # an unreadable or empty key file, too
     start_ray(cfg)
     url = deploy(cfg, args.ready_timeout)
     workers = f"{cfg.num_prefill_workers} prefill + {cfg.num_decode} decode" if cfg.mode == "disaggregated" else f"{cfg.num_decode} aggregated"

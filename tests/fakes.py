@@ -3,7 +3,9 @@
 ``LocalHandle(worker)`` mimics ``DeploymentHandle``: ``handle.method.remote(*args)``
 returns an awaitable, and ``handle.options(stream=True).method.remote(*args)``
 returns the method's async iterator. ``kill()`` makes every later call fail the way
-a dead replica's would (an exception), to test failover.
+a dead replica's would (an exception), and every stream already running fail at
+its next chunk (its work on the worker is dropped, as a dead process's would be),
+to test failover and migration.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class _Method:
             if h._stream:
                 return _dead_stream(self._name)
             return _dead_call(self._name)
-        return getattr(h._target, self._name)(*args, **kwargs)
+        result = getattr(h._target, self._name)(*args, **kwargs)
+        return _mortal_stream(h._state, self._name, result) if h._stream else result
 
 
 async def _dead_call(name: str) -> Any:
@@ -52,3 +55,14 @@ async def _dead_call(name: str) -> Any:
 async def _dead_stream(name: str):
     raise ReplicaDied(f"replica is dead (stream {name})")
     yield  # pragma: no cover
+
+
+async def _mortal_stream(state: dict, name: str, chunks: Any):
+    """The worker's stream, until the replica is killed: then the next chunk is an error, and the work is dropped."""
+    try:
+        async for chunk in chunks:
+            if state["dead"]:
+                raise ReplicaDied(f"replica died mid-stream (stream {name})")
+            yield chunk
+    finally:
+        await chunks.aclose()

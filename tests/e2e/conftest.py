@@ -1,8 +1,9 @@
 """One local Ray + Serve for the whole test session, and the applications deployed on it.
 
 Apps share one HTTP proxy under different route prefixes: ``/d11`` (1 prefill +
-1 decode), ``/d21`` (2 prefill + 1 decode), ``/agg`` (1 aggregated worker) and
-``/faulty`` (2 prefill + 1 decode with failing and slow KV transfers).
+1 decode), ``/d21`` (2 prefill + 1 decode), ``/d12`` (1 prefill + 2 decode),
+``/agg`` (1 aggregated worker), ``/faulty`` (2 prefill + 1 decode with failing
+and slow KV transfers) and ``/slowxfer`` (every transfer held 4 s).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ APPS = {
         faults=dict(fail_fraction=0.3, delay_fraction=0.2, delay_s=3.0, seed=7),
         routing=dict(max_attempts=4, prefill_timeout_s=20.0),
     ),
+    # two decode workers: a stream whose decode replica is killed resumes on the other (migration)
+    "d12": dict(mode="disaggregated", num_prefill=1, num_decode=2),
     # every transfer takes 4 s, so a test can kill the prefill replica mid-request
     "slowxfer": dict(
         mode="disaggregated", num_prefill=2, num_decode=1, transfer_timeout_s=30.0,
@@ -51,10 +54,12 @@ def serve_port():
 
 
 def wait_healthy(url: str, timeout_s: float = 180.0) -> None:
+    """Until every role is healthy ("ok"; a "degraded" app answers 200 too while one role stands in for the other)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            r = httpx.get(f"{url}/health", timeout=5)
+            if r.status_code == 200 and r.json()["status"] == "ok":
                 return
         except httpx.HTTPError:
             pass

@@ -49,7 +49,14 @@ BAD_PARAMS = {
     "temperature_negative": ("temperature", -0.5, r"temperature must be >= 0 .*got -0.5"),
     "top_p_0": ("top_p", 0.0, r"top_p must be in \(0, 1\], got 0.0"),
     "top_p_1.5": ("top_p", 1.5, r"top_p must be in \(0, 1\], got 1.5"),
-    "top_k_-2": ("top_k", -2, r"top_k must be -1 or 0 \(disabled\) or an integer >= 1, got -2"),
+    "top_k_-2": ("top_k", -2, r"top_k must be -1 or 0 \(disabled\) or an integer >= 1.*got -2"),
+    # issue 9, finding 1: values the sampler cannot compute are refused by name, not crashing a batch
+    "temperature_nan": ("temperature", float("nan"), r"temperature must be >= 0 and finite .*got nan"),
+    "temperature_inf": ("temperature", float("inf"), r"temperature must be >= 0 and finite .*got inf"),
+    "top_p_nan": ("top_p", float("nan"), r"top_p must be in \(0, 1\], got nan"),
+    "top_k_2**63": ("top_k", 2**63, r"top_k must be .*at most 2\*\*63-1.*got 9223372036854775808"),
+    "max_tokens_huge": ("max_tokens", 10**5000, r"max_tokens must be an integer >= 1, got an integer of 16610 bits"),
+    "stop_token_ids_2**64": ("stop_token_ids", [2**64], r"stop_token_ids must be non-negative integers below 2\*\*63, got \[an integer of 65 bits\]"),
 }
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from splitserve.engine.sampler import _filter_top_k_top_p, sample
+from splitserve.engine.sampler import SampleFailed, _filter_top_k_top_p, sample, sample_rows
 from splitserve.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.unit
@@ -138,3 +138,49 @@ def test_temperature_controls_the_spread_of_draws():
     assert _entropy(cold) < 0.01 < _entropy(neutral) < _entropy(hot)
     assert _entropy(hot) > 0.9 * math.log(VOCAB)  # nearly uniform
     assert Counter(neutral)[0] / N_DRAWS == pytest.approx(math.exp(3) / (math.exp(3) + math.exp(2.5) + math.exp(2) + math.exp(1) + VOCAB - 4), abs=0.03)
+
+
+# ---- one row cannot fail the batch (issue 9, finding 1) ------------------------------------
+
+
+def _mixed_batch() -> tuple[torch.Tensor, list[SamplingParams]]:
+    logits = random_logits(4, seed=11, scale=0.5)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=5),
+              SamplingParams(temperature=0.9, top_k=7, seed=6), SamplingParams(temperature=1.1, top_p=0.8, seed=7)]
+    return logits, params
+
+
+def _seeded_draws(logits: torch.Tensor, params: list[SamplingParams]) -> list:
+    gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
+    return sample_rows(logits, params, gens, torch.Generator().manual_seed(0))
+
+
+def test_a_non_finite_row_fails_alone_and_the_others_draw_the_same_tokens():
+    logits, params = _mixed_batch()
+    clean = _seeded_draws(logits, params)
+    poisoned = logits.clone()
+    poisoned[2] = float("nan")
+    got = _seeded_draws(poisoned, params)
+    assert isinstance(got[2], SampleFailed) and "not finite" in str(got[2])
+    assert [got[i] for i in (0, 1, 3)] == [clean[i] for i in (0, 1, 3)]
+    with pytest.raises(SampleFailed):  # the all-or-nothing wrapper still raises
+        sample(poisoned, params, [None] * 4, torch.Generator())
+
+
+def test_a_batch_the_vectorised_path_cannot_hold_is_sampled_row_by_row():
+    """A value that breaks the batched tensors (it bypassed validation) fails its row only; seeds are unaffected."""
+    logits, params = _mixed_batch()
+    clean = _seeded_draws(logits, params)
+    broken = SamplingParams(temperature=1.0)
+    broken.top_p = "wide"  # bypasses __post_init__: torch.tensor([...]) raises for the whole batch
+    params = params[:3] + [broken]
+    got = _seeded_draws(logits, params)
+    assert isinstance(got[3], SampleFailed)
+    assert got[:3] == clean[:3]
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    row = random_logits(1, seed=12, scale=0.3)[0]
+    huge = Counter(draws(row, SamplingParams(top_k=2**63 - 1), n=2000, seed=3))
+    off = Counter(draws(row, SamplingParams(top_k=-1), n=2000, seed=3))
+    assert huge == off

@@ -123,12 +123,22 @@ def test_all_decode_full_raises_back_pressure_with_counts():
 
 def test_no_healthy_decode_worker_names_counts():
     loads = [load("d0", is_healthy=False), load("d1"), prefill("p0")]
+    strict = LeastLoadedPolicy(degraded_mode=False)
     with pytest.raises(NoWorkerAvailable, match="no healthy decode worker: 2 known, 1 unhealthy, 1 excluded"):
-        LeastLoadedPolicy().pick(req(), loads, exclude=frozenset({"d1"}))
+        strict.pick(req(), loads, exclude=frozenset({"d1"}))
     with pytest.raises(NoWorkerAvailable, match="0 known"):
-        LeastLoadedPolicy().pick(req(), [prefill("p0")])
+        strict.pick(req(), [prefill("p0")])
     with pytest.raises(NoWorkerAvailable):
         LeastLoadedPolicy().pick(req(), [])
+
+
+def test_no_decode_worker_and_no_prefill_worker_names_both_roles():
+    loads = [load("d0", is_healthy=False), prefill("p0", is_healthy=False)]
+    with pytest.raises(NoWorkerAvailable) as info:
+        LeastLoadedPolicy().pick(req(), loads)
+    message = str(info.value)
+    assert "no healthy decode worker: 1 known, 1 unhealthy" in message
+    assert "no healthy prefill worker: 1 known, 1 unhealthy" in message
 
 
 def test_prompt_larger_than_any_decode_worker_is_not_retryable():

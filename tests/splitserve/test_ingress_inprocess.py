@@ -277,7 +277,7 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(aio, workers, ti
 # ---- auth, models, health --------------------------------------------------------------------
 
 
-def test_api_key_guards_v1_and_admin_but_not_health_or_metrics(aio, workers, tiny_model):
+def test_api_key_guards_everything_but_health(aio, workers, tiny_model):
     async def body():
         async with stack_for(workers, tiny_model, "disaggregated", http={"api_key": "secret"}) as s, s.client() as c:
             req = completion_body(PROMPTS[0], max_tokens=3)
@@ -285,8 +285,8 @@ def test_api_key_guards_v1_and_admin_but_not_health_or_metrics(aio, workers, tin
                 r = await c.post("/v1/completions", json=req, headers=headers)
                 assert r.status_code == 401, (headers, r.text)
                 assert r.json()["error"]["type"] == "AuthenticationError" and "API key" in r.json()["error"]["message"]
-            for path in ("/v1/models", "/admin/workers"):
-                assert (await c.get(path)).status_code == 401, path
+            for path in ("/v1/models", "/admin/workers", "/metrics", "/docs", "/openapi.json", "/redoc"):
+                assert (await c.get(path)).status_code == 401, path  # tenant names and the API's shape are the operator's
             # an unauthenticated bad body is refused for the key, not parsed
             r = await c.post("/v1/completions", content=b"{not json")
             assert r.status_code == 401
@@ -296,7 +296,13 @@ def test_api_key_guards_v1_and_admin_but_not_health_or_metrics(aio, workers, tin
             assert (await c.get("/v1/models", headers=good)).status_code == 200
             assert (await c.get("/admin/workers", headers=good)).status_code == 200
             assert (await c.get("/health")).status_code == 200
+            for path in ("/metrics", "/docs", "/openapi.json"):
+                assert (await c.get(path, headers=good)).status_code == 200, path
+
+        # http.public_metrics: a Prometheus without credentials may scrape; the rest stays closed
+        async with stack_for(workers, tiny_model, "disaggregated", http={"api_key": "secret", "public_metrics": True}) as s, s.client() as c:
             assert (await c.get("/metrics")).status_code == 200
+            assert (await c.get("/openapi.json")).status_code == 401
 
     aio.run(body())
 
@@ -343,6 +349,13 @@ def test_health_reports_the_workers(aio, workers, tiny_model, mode):
             else:
                 assert out == {"status": "ok", "healthy_decode": ["worker-0"], "healthy_prefill": []}
             s.handles[next(iter(s.decode_workers))].kill()
+            if mode == "disaggregated":  # the prefill worker stands in for the dead decode worker (degraded mode)
+                deadline = time.monotonic() + 5
+                while (r := await c.get("/health")).json()["status"] == "ok" and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert r.status_code == 200 and r.json()["status"] == "degraded", r.text
+                assert "no healthy decode worker" in r.json()["detail"] and r.json()["healthy_decode"] == []
+                s.handles["prefill-0"].kill()
             deadline = time.monotonic() + 5
             while (r := await c.get("/health")).status_code == 200 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)

@@ -89,11 +89,26 @@ def test_missing_prompt_and_messages_are_named():
         ("stop_token_ids", [1, -3], "stop_token_ids.1: Input should be greater than or equal to 0"),
         ("stop", 5, "stop: Input should be a valid string"),
         ("max_tokens", "many", "max_tokens: Input should be a valid integer"),
+        # issue 9: what the sampler's int64 tensors cannot hold, and labels /metrics cannot print
+        ("top_k", 2**63, "top_k: Input should be less than or equal to 9223372036854775807"),
+        ("max_tokens", 2**64, "max_tokens: Input should be less than or equal to 9223372036854775807"),
+        ("priority", -(2**63) - 1, "priority: Input should be greater than or equal to -9223372036854775808"),
+        ("stop_token_ids", [2**63], "stop_token_ids.0: Input should be less than or equal to 9223372036854775807"),
+        ("tenant", "\ud800", "tenant: Input should be a valid string"),
+        ("tenant", "a" * 65, "tenant: String should match pattern"),
+        ("tenant", "team a", "tenant: String should match pattern"),
     ],
 )
 def test_range_errors_name_the_field(field, value, expected):
     assert expected in error_of(completion, **{field: value})
     assert expected in error_of(chat, **{field: value})
+
+
+def test_seeds_and_tiny_temperatures_are_mapped_not_refused():
+    params = completion(seed=2**64 + 3, temperature=1e-40, top_k=2**62).to_sampling_params(16)
+    assert params.seed == 3 and params.is_greedy and params.top_k == 2**62
+    assert completion(seed=-(2**63) - 1).to_sampling_params(16).seed == 2**63 - 1
+    assert completion(tenant="team-a.b:c_1").tenant == "team-a.b:c_1"
 
 
 def test_nan_is_refused():

@@ -464,16 +464,39 @@ def test_bad_request_reaching_the_router_never_leaks(aio, shared, tiny_model, re
     aio.run(body())
 
 
-def test_no_decode_worker_at_all_is_back_pressure(aio, shared, tiny_model):
+def test_no_decode_worker_at_all_means_degraded_mode_or_back_pressure(aio, shared, tiny_model, reference):
+    """Decode dead: the prefill worker serves whole requests (counted, shown); with degraded_mode off, a 503
+    that names the decode role."""
     p, d = shared["p1"], shared["d"]
 
     async def body():
-        async with Stack(tiny_model, [p], [d]) as s:
+        async with Stack(tiny_model, [p], [d]) as s, s.client() as c:
             s.handles["decode-0"].kill()
             deadline = time.monotonic() + 5
             while "decode-0" in s.core.registry.healthy_ids() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            with pytest.raises(NoWorkerAvailable):
+            before = p.num_requests
+            got, _ = await collect(s.core, PROMPTS[0], greedy(MAX_TOKENS))
+            assert got == reference.tokens(PROMPTS[0], MAX_TOKENS)
+            assert p.num_requests == before + 1 and routed(s, "prefill-1", "local") == 1
+            assert metric_value(s.metrics_text(), "splitserve_fallbacks_total", reason="no_decode_worker") == 1
+            admin = (await c.get("/admin/workers")).json()
+            assert admin["serving"]["status"] == "degraded" and "no healthy decode worker" in admin["serving"]["detail"]
+            assert admin["fallbacks"] == {"no_decode_worker": 1}
+            health = await c.get("/health")
+            assert health.status_code == 200 and health.json()["status"] == "degraded"
+            assert metric_value((await c.get("/metrics")).text, "splitserve_degraded") == 1
+
+        async with Stack(tiny_model, [p], [d], routing={"degraded_mode": False}) as s, s.client() as c:
+            s.handles["decode-0"].kill()
+            deadline = time.monotonic() + 5
+            while "decode-0" in s.core.registry.healthy_ids() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            with pytest.raises(NoWorkerAvailable, match="no healthy decode worker"):
                 await collect(s.core, PROMPTS[0], greedy(4))
+            r = await c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
+            assert r.status_code == 503 and "no healthy decode worker" in r.json()["error"]["message"]
+            assert "prefill" not in r.json()["error"]["message"].split("no healthy decode worker")[0]
+        await settle([p, d])
 
     aio.run(body())

@@ -1,0 +1,87 @@
+"""QueueWaitEstimator: drain rates from load reports, estimates, and the refusal past the queue-wait budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from splitserve.scheduler import NoWorkerAvailable, QueueWaitEstimator, QueueWaitTooLong
+
+pytestmark = pytest.mark.unit
+
+
+def busy(est: QueueWaitEstimator, worker: str, queued: list[int], dispatched: list[int], dt: float = 1.0) -> None:
+    """Reports ``queued[i]`` at t = i * dt, with ``dispatched[i]`` tokens sent just before report i."""
+    for i, (q, d) in enumerate(zip(queued, dispatched)):
+        if d:
+            est.on_dispatch(worker, d)
+        est.on_report(worker, q, i * dt)
+
+
+def test_rate_is_what_drained_between_busy_reports():
+    est = QueueWaitEstimator(30.0, min_samples=2)
+    # 1000 queued, +500 sent, 900 left after 1 s: 600 drained; then 900 -> 300 with nothing sent: 600 drained
+    busy(est, "p0", [1000, 900, 300], [0, 500, 0])
+    assert est.tokens_per_s("p0") == pytest.approx(600.0)
+    assert est.estimate_s("p0", 6000) == pytest.approx(10.0)
+
+
+def test_idle_intervals_are_not_samples():
+    """A queue that empties between reports says nothing about the rate (the worker idled part of the time)."""
+    est = QueueWaitEstimator(30.0, min_samples=1)
+    busy(est, "p0", [0, 100, 0, 0, 50], [0, 100, 0, 0, 50], dt=0.25)
+    assert est.tokens_per_s("p0") is None
+    assert est.estimate_s("p0", 10_000) is None
+    est.check("p0", 10_000)  # unknown rate: admit (and measure)
+
+
+def test_unknown_until_enough_samples_then_refuses_past_the_budget():
+    est = QueueWaitEstimator(max_queue_wait_s=10.0, min_samples=2)
+    busy(est, "p0", [1000, 900], [0, 0])  # one sample: 100 tokens/s
+    est.check("p0", 5000)  # not trusted yet
+    est.on_report("p0", 800, 2.0)  # second sample
+    assert est.tokens_per_s("p0") == pytest.approx(100.0)
+    est.check("p0", 900)  # 9 s <= 10 s
+    with pytest.raises(QueueWaitTooLong) as info:
+        est.check("p0", 3000)  # 30 s
+    assert isinstance(info.value, NoWorkerAvailable)  # HTTP 503 with Retry-After
+    assert info.value.retry_after_s == pytest.approx(20.0)  # when the queue should be back within the budget
+    message = str(info.value)
+    assert "about 30 s on p0" in message and "3000 prompt tokens queued ahead" in message and "routing.max_queue_wait_s" in message
+
+
+def test_empty_queue_never_waits_and_no_budget_never_refuses():
+    est = QueueWaitEstimator(max_queue_wait_s=1.0, min_samples=1)
+    busy(est, "p0", [1000, 999], [0, 0])  # 1 token/s: very slow
+    assert est.estimate_s("p0", 0) == 0.0
+    est.check("p0", 0)
+    unlimited = QueueWaitEstimator(max_queue_wait_s=None, min_samples=1)
+    busy(unlimited, "p0", [1000, 999], [0, 0])
+    unlimited.check("p0", 10**9)
+
+
+def test_a_queue_that_does_not_drain_is_refused_with_the_budget_as_retry_after():
+    est = QueueWaitEstimator(max_queue_wait_s=5.0, min_samples=2)
+    busy(est, "p0", [400, 400, 400], [0, 0, 0])
+    assert est.tokens_per_s("p0") == 0.0 and math.isinf(est.estimate_s("p0", 1))
+    with pytest.raises(QueueWaitTooLong, match="never") as info:
+        est.check("p0", 1)
+    assert info.value.retry_after_s == 5.0
+
+
+def test_recent_samples_weigh_more_and_workers_are_separate():
+    est = QueueWaitEstimator(30.0, decay=0.5, min_samples=1)
+    busy(est, "p0", [10_000, 9_000], [0, 0])  # 1000 tokens/s
+    for i in range(2, 12):  # then it slows to 100 tokens/s
+        est.on_report("p0", 9_000 - 100 * (i - 1), float(i))
+    assert est.tokens_per_s("p0") < 110
+    assert est.tokens_per_s("p1") is None
+    est.forget("p0")
+    assert est.tokens_per_s("p0") is None
+
+
+@pytest.mark.parametrize("kw", [dict(max_queue_wait_s=0), dict(decay=1.0), dict(decay=0), dict(min_samples=0)])
+def test_invalid_settings_are_refused(kw):
+    with pytest.raises(ValueError):
+        QueueWaitEstimator(**kw)
