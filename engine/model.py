@@ -8,9 +8,11 @@ token go through the final norm and the LM head.
 CPU speed (bf16 weights; see docs/benchmarks.md): each weight matrix is also kept
 prepacked in oneDNN's blocked layout, which skips the per-call weight reorder
 that ``F.linear`` does and roughly doubles the speed of few-row (decode) GEMMs.
-On CPUs without AMX, a step of many tokens (prefill) runs its activations and
-residual stream in float32: an fp32 GEMM over upcast bf16 weights is ~1.7x faster
-there than the bf16 kernel, and no bf16 round trips are paid between ops. The
+On CPUs with no bf16 hardware (neither AMX nor avx512_bf16), a step of many tokens
+(prefill) runs its activations and residual stream in float32: an fp32 GEMM over
+upcast bf16 weights is ~1.7x faster there than the emulated bf16 kernel, and no bf16
+round trips are paid between ops. With avx512_bf16 the bf16 kernel wins (412 against
+177 GFLOP/s on 1,024-row GEMMs of the default model, docs/benchmarks.md). The
 weights and the KV cache stay in the model dtype.
 
 Deterministic mode (``deterministic=True``) makes a token's numbers independent of
@@ -58,8 +60,10 @@ def _can_prepack(weight: torch.Tensor) -> bool:
     )
 
 
-def _has_amx() -> bool:
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+def _has_bf16_hardware() -> bool:
+    """AMX tiles or avx512_bf16: the CPU computes bf16 products natively (oneDNN's bf16 GEMM is the fast one)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 class Linear:
@@ -127,9 +131,9 @@ class LlamaModel:
         ]
         self.lm_head = linear(weights.lm_head)
         self.silu_mul = silu_mul_invariant if deterministic else silu_mul
-        # float32 activations for big steps only where the bf16 GEMM is the slow one (no AMX tiles); never in
+        # float32 activations for big steps only where the bf16 GEMM is the slow one (no bf16 hardware); never in
         # deterministic mode, where a token's numbers must not depend on the size of its step
-        self.fp32_big_steps = device.type == "cpu" and dtype == torch.bfloat16 and not _has_amx() and not deterministic
+        self.fp32_big_steps = device.type == "cpu" and dtype == torch.bfloat16 and not _has_bf16_hardware() and not deterministic
 
     @classmethod
     def load(
