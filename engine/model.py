@@ -8,11 +8,12 @@ token go through the final norm and the LM head.
 CPU speed (bf16 weights; see docs/benchmarks.md): each weight matrix is also kept
 prepacked in oneDNN's blocked layout, which skips the per-call weight reorder
 that ``F.linear`` does and roughly doubles the speed of few-row (decode) GEMMs.
-On CPUs with no bf16 hardware (neither AMX nor avx512_bf16), a step of many tokens
-(prefill) runs its activations and residual stream in float32: an fp32 GEMM over
-upcast bf16 weights is ~1.7x faster there than the emulated bf16 kernel, and no bf16
-round trips are paid between ops. With avx512_bf16 the bf16 kernel wins (412 against
-177 GFLOP/s on 1,024-row GEMMs of the default model, docs/benchmarks.md). The
+Which kernel is faster for a step of many tokens (prefill) depends on the CPU, so
+the model measures it once at load, on its own MLP weight: where an fp32 GEMM over
+upcast bf16 weights wins (an Intel Xeon with avx512_bf16 but no AMX: 248 against
+149 GFLOP/s), such steps run their activations and residual stream in float32 and
+pay no bf16 round trips between ops; where oneDNN's bf16 kernel wins (an AMD EPYC
+with avx512_bf16: 392 against 165 GFLOP/s; any AMX CPU) they stay bf16. The
 weights and the KV cache stay in the model dtype.
 
 Deterministic mode (``deterministic=True``) makes a token's numbers independent of
@@ -24,6 +25,8 @@ code path for a tensor's tail, so its result depended on the tensor's size).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +63,25 @@ def _can_prepack(weight: torch.Tensor) -> bool:
     )
 
 
-def _has_bf16_hardware() -> bool:
-    """AMX tiles or avx512_bf16: the CPU computes bf16 products natively (oneDNN's bf16 GEMM is the fast one)."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+def float32_steps_are_faster(weight: torch.Tensor, rows: int = FP32_MIN_TOKENS * 2, repeats: int = 5) -> bool:
+    """Whether ``rows`` float32 rows over the upcast bf16 ``weight`` beat the prepacked bf16 kernel on this CPU
+    (best of ``repeats`` each, after a warm-up; a clear margin is required, as a tie favours bf16's lower memory traffic)."""
+    if not _can_prepack(weight):
+        return True  # no bf16 kernel to use: bf16 GEMMs would be emulated
+    bf16 = Linear(weight)
+    x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
+    xf = x.float()
+
+    def best(fn, arg) -> float:
+        fn(arg)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(arg)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(bf16, xf) * 1.15 < best(bf16, x)
 
 
 class Linear:
@@ -131,9 +149,11 @@ class LlamaModel:
         ]
         self.lm_head = linear(weights.lm_head)
         self.silu_mul = silu_mul_invariant if deterministic else silu_mul
-        # float32 activations for big steps only where the bf16 GEMM is the slow one (no bf16 hardware); never in
+        # float32 activations for big steps only where the bf16 GEMM is the slow one (measured here); never in
         # deterministic mode, where a token's numbers must not depend on the size of its step
-        self.fp32_big_steps = device.type == "cpu" and dtype == torch.bfloat16 and not _has_bf16_hardware() and not deterministic
+        self.fp32_big_steps = (
+            device.type == "cpu" and dtype == torch.bfloat16 and not deterministic and float32_steps_are_faster(weights.layers[0].gate_up)
+        )
 
     @classmethod
     def load(
