@@ -26,6 +26,7 @@ code path for a tensor's tail, so its result depended on the tensor's size).
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -36,6 +37,8 @@ from splitserve.engine.rope import RotaryEmbedding, apply_rotary
 from splitserve.engine.weights import ModelWeights, load_weights
 from splitserve.kernels import AttentionFn, AttentionMetadata, write_kv
 from splitserve.kernels.invariant_linear import LinearFn, invariant_linear
+
+logger = logging.getLogger(__name__)
 
 # Steps with at least this many tokens compute in float32 on CPUs without AMX
 # (measured crossover of fp32-over-upcast-weights vs packed bf16: 64-96 rows).
@@ -81,7 +84,9 @@ def float32_steps_are_faster(weight: torch.Tensor, rows: int = FP32_MIN_TOKENS *
             times.append(time.perf_counter() - start)
         return min(times)
 
-    return best(bf16, xf) * 1.15 < best(bf16, x)
+    fp32_s, bf16_s = best(bf16, xf), best(bf16, x)
+    logger.info("big-step GEMM probe (%d x %d x %d): float32 %.2f ms, bf16 %.2f ms", rows, weight.shape[1], weight.shape[0], fp32_s * 1e3, bf16_s * 1e3)
+    return fp32_s * 1.15 < bf16_s
 
 
 class Linear:

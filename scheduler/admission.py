@@ -16,10 +16,13 @@ reports and the tokens the router sent it:
 over the time between the two reports, taken only when the queue was non-empty
 at both ends (the worker was busy prefilling throughout; an idle interval would
 understate the rate and shed requests for nothing). Samples are averaged with
-exponentially decaying sums of tokens and seconds, so long busy intervals weigh
-more than short ones. Until a worker has ``min_samples`` samples its rate is
-unknown and nothing is refused on its account: a cold burst is admitted and
-measured. An empty queue means no wait, whatever the rate.
+sums of tokens and seconds that decay with *time* (``window_s``), not per sample:
+reports come every quarter second while one prefill step can take seconds, so the
+queue drains in steps and most samples drain nothing; a per-sample decay saw
+only the last second or so and measured a worker prefilling 400 tokens/s at 36.
+Until a worker has been seen busy for ``min_busy_s`` its rate is unknown and
+nothing is refused on its account: a cold burst is admitted and measured. An
+empty queue means no wait, whatever the rate.
 
 The caller passes every load report (``on_report``) and every prompt it sends to
 a worker to prefill (``on_dispatch``), both with its own clock readings.
@@ -42,27 +45,27 @@ class _Drain:
     dispatched: int = 0  # prompt tokens sent to it since the last report
     tokens: float = 0.0
     seconds: float = 0.0
-    num_samples: int = 0
+    busy_s: float = 0.0  # all busy time measured, undecayed
 
 
 class QueueWaitEstimator:
     """Estimates per worker how long a new request would queue before its prefill starts.
 
     ``max_queue_wait_s``: the budget (None: never refuse; estimates still work).
-    ``decay``: weight kept by the older samples at each new one (0 < decay < 1).
-    ``min_samples``: busy intervals measured before a worker's rate is trusted.
+    ``window_s``: older busy time weighs ``exp(-age / window_s)``.
+    ``min_busy_s``: busy time measured before a worker's rate is trusted.
     """
 
-    def __init__(self, max_queue_wait_s: float | None = 30.0, decay: float = 0.8, min_samples: int = 2) -> None:
+    def __init__(self, max_queue_wait_s: float | None = 30.0, window_s: float = 30.0, min_busy_s: float = 5.0) -> None:
         if max_queue_wait_s is not None and max_queue_wait_s <= 0:
             raise ValueError(f"max_queue_wait_s must be > 0 seconds or None (no limit), got {max_queue_wait_s}")
-        if not 0 < decay < 1:
-            raise ValueError(f"decay must be within (0, 1), got {decay}")
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0 seconds, got {window_s}")
+        if min_busy_s < 0:
+            raise ValueError(f"min_busy_s must be >= 0 seconds, got {min_busy_s}")
         self.max_queue_wait_s = max_queue_wait_s
-        self.decay = decay
-        self.min_samples = min_samples
+        self.window_s = window_s
+        self.min_busy_s = min_busy_s
         self._drains: dict[str, _Drain] = {}
 
     def on_dispatch(self, worker_id: str, num_tokens: int) -> None:
@@ -76,9 +79,10 @@ class QueueWaitEstimator:
         prev, dt = d.last_queued, now - d.last_time
         if prev is not None and prev > 0 and num_queued_tokens > 0 and dt > 0:
             drained = max(0, prev + d.dispatched - num_queued_tokens)
-            d.tokens = self.decay * d.tokens + drained
-            d.seconds = self.decay * d.seconds + dt
-            d.num_samples += 1
+            keep = math.exp(-dt / self.window_s)
+            d.tokens = keep * d.tokens + drained
+            d.seconds = keep * d.seconds + dt
+            d.busy_s += dt
         d.last_queued, d.last_time, d.dispatched = num_queued_tokens, now, 0
 
     def forget(self, worker_id: str) -> None:
@@ -86,9 +90,9 @@ class QueueWaitEstimator:
         self._drains.pop(worker_id, None)
 
     def tokens_per_s(self, worker_id: str) -> float | None:
-        """The measured prefill drain rate of a worker; None until ``min_samples`` busy intervals were seen."""
+        """The measured prefill drain rate of a worker; None until it was seen busy for ``min_busy_s``."""
         d = self._drains.get(worker_id)
-        if d is None or d.num_samples < self.min_samples or d.seconds <= 0:
+        if d is None or d.seconds <= 0 or d.busy_s < self.min_busy_s:
             return None
         return d.tokens / d.seconds
 

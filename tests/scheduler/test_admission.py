@@ -20,7 +20,7 @@ def busy(est: QueueWaitEstimator, worker: str, queued: list[int], dispatched: li
 
 
 def test_rate_is_what_drained_between_busy_reports():
-    est = QueueWaitEstimator(30.0, min_samples=2)
+    est = QueueWaitEstimator(30.0, window_s=1e9, min_busy_s=2.0)
     # 1000 queued, +500 sent, 900 left after 1 s: 600 drained; then 900 -> 300 with nothing sent: 600 drained
     busy(est, "p0", [1000, 900, 300], [0, 500, 0])
     assert est.tokens_per_s("p0") == pytest.approx(600.0)
@@ -29,18 +29,18 @@ def test_rate_is_what_drained_between_busy_reports():
 
 def test_idle_intervals_are_not_samples():
     """A queue that empties between reports says nothing about the rate (the worker idled part of the time)."""
-    est = QueueWaitEstimator(30.0, min_samples=1)
+    est = QueueWaitEstimator(30.0, min_busy_s=0.0)
     busy(est, "p0", [0, 100, 0, 0, 50], [0, 100, 0, 0, 50], dt=0.25)
     assert est.tokens_per_s("p0") is None
     assert est.estimate_s("p0", 10_000) is None
     est.check("p0", 10_000)  # unknown rate: admit (and measure)
 
 
-def test_unknown_until_enough_samples_then_refuses_past_the_budget():
-    est = QueueWaitEstimator(max_queue_wait_s=10.0, min_samples=2)
-    busy(est, "p0", [1000, 900], [0, 0])  # one sample: 100 tokens/s
+def test_unknown_until_seen_busy_long_enough_then_refuses_past_the_budget():
+    est = QueueWaitEstimator(max_queue_wait_s=10.0, window_s=1e9, min_busy_s=2.0)
+    busy(est, "p0", [1000, 900], [0, 0])  # one busy second: 100 tokens/s
     est.check("p0", 5000)  # not trusted yet
-    est.on_report("p0", 800, 2.0)  # second sample
+    est.on_report("p0", 800, 2.0)  # two busy seconds
     assert est.tokens_per_s("p0") == pytest.approx(100.0)
     est.check("p0", 900)  # 9 s <= 10 s
     with pytest.raises(QueueWaitTooLong) as info:
@@ -52,17 +52,17 @@ def test_unknown_until_enough_samples_then_refuses_past_the_budget():
 
 
 def test_empty_queue_never_waits_and_no_budget_never_refuses():
-    est = QueueWaitEstimator(max_queue_wait_s=1.0, min_samples=1)
+    est = QueueWaitEstimator(max_queue_wait_s=1.0, min_busy_s=1.0)
     busy(est, "p0", [1000, 999], [0, 0])  # 1 token/s: very slow
     assert est.estimate_s("p0", 0) == 0.0
     est.check("p0", 0)
-    unlimited = QueueWaitEstimator(max_queue_wait_s=None, min_samples=1)
+    unlimited = QueueWaitEstimator(max_queue_wait_s=None, min_busy_s=1.0)
     busy(unlimited, "p0", [1000, 999], [0, 0])
     unlimited.check("p0", 10**9)
 
 
 def test_a_queue_that_does_not_drain_is_refused_with_the_budget_as_retry_after():
-    est = QueueWaitEstimator(max_queue_wait_s=5.0, min_samples=2)
+    est = QueueWaitEstimator(max_queue_wait_s=5.0, min_busy_s=2.0)
     busy(est, "p0", [400, 400, 400], [0, 0, 0])
     assert est.tokens_per_s("p0") == 0.0 and math.isinf(est.estimate_s("p0", 1))
     with pytest.raises(QueueWaitTooLong, match="never") as info:
@@ -70,8 +70,19 @@ def test_a_queue_that_does_not_drain_is_refused_with_the_budget_as_retry_after()
     assert info.value.retry_after_s == 5.0
 
 
+def test_a_queue_drained_in_long_steps_is_measured_at_its_rate():
+    """Reports every 0.25 s while each 1,024-token prefill step takes 2.5 s: the queue drops once per step and
+    most intervals drain nothing. The rate must still come out near 1024 / 2.5 = 410 tokens/s (a per-report
+    decay saw only the last zero-drain reports and measured 36, then refused requests for nothing). It reads
+    low by the step still in progress (314 here, after 10 s): refusals come a little early, never late."""
+    est = QueueWaitEstimator(30.0)
+    for i in range(40):  # t = 0 .. 9.75 s: 4096 queued, one prompt leaves every 2.5 s
+        est.on_report("p0", 4096 - 1024 * int(i * 0.25 // 2.5), i * 0.25)
+    assert 290 < est.tokens_per_s("p0") < 450
+
+
 def test_recent_samples_weigh_more_and_workers_are_separate():
-    est = QueueWaitEstimator(30.0, decay=0.5, min_samples=1)
+    est = QueueWaitEstimator(30.0, window_s=2.0, min_busy_s=1.0)
     busy(est, "p0", [10_000, 9_000], [0, 0])  # 1000 tokens/s
     for i in range(2, 12):  # then it slows to 100 tokens/s
         est.on_report("p0", 9_000 - 100 * (i - 1), float(i))
@@ -81,7 +92,7 @@ def test_recent_samples_weigh_more_and_workers_are_separate():
     assert est.tokens_per_s("p0") is None
 
 
-@pytest.mark.parametrize("kw", [dict(max_queue_wait_s=0), dict(decay=1.0), dict(decay=0), dict(min_samples=0)])
+@pytest.mark.parametrize("kw", [dict(max_queue_wait_s=0), dict(window_s=0), dict(min_busy_s=-1)])
 def test_invalid_settings_are_refused(kw):
     with pytest.raises(ValueError):
         QueueWaitEstimator(**kw)

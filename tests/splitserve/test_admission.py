@@ -25,8 +25,8 @@ def workers(aio, tiny_model):
 
 
 def slow_drain(router, worker_id: str, tokens_per_s: float) -> None:
-    """Feed the estimator two busy intervals in which ``worker_id`` drained ``tokens_per_s``."""
-    for i in range(3):
+    """Feed the estimator six busy seconds in which ``worker_id`` drained ``tokens_per_s`` (past its ``min_busy_s``)."""
+    for i in range(7):
         router.admission.on_report(worker_id, 100_000 - int(i * tokens_per_s), float(i))
 
 
