@@ -178,6 +178,7 @@ def _error_for(e: BaseException, req_id: str | None = None) -> APIError:
         return APIError(400, public_message(e), param="prompt")
     if isinstance(e, NoWorkerAvailable):
         retry = max(1, round(e.retry_after_s or 1))
+        logger.warning("request %s refused (503, retry after %d s): %s", req_id, retry, e)  # operators see why
         return APIError(503, f"no worker can take the request now: {public_message(e)}", "ServiceUnavailableError", headers={"Retry-After": str(retry)})
     logger.error("request %s failed: %s", req_id, e, exc_info=e)  # the whole story, server-side only
     message = public_message(e, req_id) if isinstance(e, RequestFailed) else internal_error_message(req_id)

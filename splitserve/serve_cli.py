@@ -11,6 +11,7 @@ on ``--host``). Joining a cluster changes nothing: its nodes must reach each oth
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -98,7 +99,8 @@ def start_ray(cfg) -> None:
 
 
 def deploy(cfg, ready_timeout_s: float = 600.0) -> str:
-    """Deploy ``cfg`` on the connected Ray cluster; returns the base URL once /health answers 200."""
+    """Deploy ``cfg`` on the connected Ray cluster; returns the base URL once /health reports every role healthy
+    ("ok": a 200 alone could come from a proxy of an earlier deployment still answering on the port)."""
     from ray import serve
 
     from splitserve.app import build_app
@@ -112,7 +114,7 @@ def deploy(cfg, ready_timeout_s: float = 600.0) -> str:
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
+                if r.status == 200 and json.loads(r.read() or b"{}").get("status") == "ok":
                     return url
         except Exception:
             pass
