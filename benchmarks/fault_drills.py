@@ -17,20 +17,23 @@ import signal
 import httpx
 
 
-def replica_pid(app: str, deployment: str) -> int:
-    """The OS pid of a deployment's (single) replica actor, asked of the actor itself."""
+def replica_pid(app: str, name: str) -> int:
+    """The OS pid of a replica actor, asked of the actor itself. ``name``: a worker's name (``decode-<replica
+    id>``, as ``/admin/workers`` lists it), or a deployment's name for its first replica (``Ingress``)."""
     import ray
 
+    deployment, _, replica = name.partition("-")
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in entry["name"]:
-            actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+        actor_name = entry["name"]
+        if actor_name.startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in actor_name and actor_name.endswith(f"#{replica}" if replica else ""):
+            actor = ray.get_actor(actor_name, namespace=entry["namespace"])
             return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
-    raise LookupError(f"no replica of {app}/{deployment}")
+    raise LookupError(f"no replica {name} in {app}")
 
 
-def kill_replica(app: str, deployment: str) -> int:
+def kill_replica(app: str, name: str) -> int:
     """kill -9 the replica's process; returns its pid."""
-    pid = replica_pid(app, deployment)
+    pid = replica_pid(app, name)
     os.kill(pid, signal.SIGKILL)
     return pid
 

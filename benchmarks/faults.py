@@ -178,26 +178,27 @@ async def settle(url: str, timeout_s: float = 30.0) -> int:
         await asyncio.sleep(0.5)
 
 
-async def wait_recovered(url: str, worker_id: str, old_instance: str, timeout_s: float = 180.0) -> float:
-    """Seconds until ``worker_id`` reports from a new instance and /health says "ok" again."""
+async def wait_recovered(url: str, role: str, killed: str, count: int, timeout_s: float = 180.0) -> float:
+    """Seconds until ``role`` has ``count`` healthy workers again, none of them ``killed`` (a restarted replica
+    is a new worker with a new name), and /health says "ok"."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         try:
             state = await asyncio.to_thread(admin, url)
-            rep = {w["worker_id"]: w for w in state["workers"]}.get(worker_id, {})
-            if rep.get("instance_id") != old_instance and rep.get("healthy") and state["serving"]["status"] == "ok":
+            healthy = [w["worker_id"] for w in state["workers"] if w["role"] == role and w.get("healthy")]
+            if killed not in healthy and len(healthy) >= count and state["serving"]["status"] == "ok":
                 return time.monotonic() - t0
         except httpx.HTTPError:
             pass
         await asyncio.sleep(0.25)
-    raise TimeoutError(f"{worker_id} did not come back within {timeout_s:.0f} s")
+    raise TimeoutError(f"{role} did not get {count} healthy workers back within {timeout_s:.0f} s")
 
 
-def worker_rss_mib(app: str, deployments: list[str]) -> dict[str, float]:
+def worker_rss_mib(app: str, names: list[str]) -> dict[str, float]:
     out = {}
-    for dep in deployments:
-        with open(f"/proc/{replica_pid(app, dep)}/status") as f:
-            out[dep] = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    for name in names:
+        with open(f"/proc/{replica_pid(app, name)}/status") as f:
+            out[name] = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
     return out
 
 
@@ -233,12 +234,12 @@ class Suite:
 
     async def kill_round(self, role: str, round_no: int, tally: Tally) -> None:
         url = self.urls["main"]
-        victim = f"{role}-{round_no % 2}"
 
         async def during() -> None:
-            old = {w["worker_id"]: w for w in (await asyncio.to_thread(admin, url))["workers"]}[victim]["instance_id"]
+            workers = sorted(w["worker_id"] for w in (await asyncio.to_thread(admin, url))["workers"] if w["role"] == role)
+            victim = workers[round_no % len(workers)]
             await asyncio.to_thread(kill_replica, "main", victim)
-            tally.recover_s.append(await wait_recovered(url, victim, old))
+            tally.recover_s.append(await wait_recovered(url, role, victim, len(workers)))
             await asyncio.sleep(self.args.warmup_s)  # serving with the restarted replica too
 
         await self.under_load("main", tally, during)
@@ -275,7 +276,7 @@ class Suite:
         tally.rounds += 1
 
     async def soak(self, tally: Tally) -> tuple[dict[str, float], dict[str, float], int]:
-        deployments = ["prefill-0", "prefill-1", "decode-0", "decode-1", "Ingress"]
+        deployments = [w["worker_id"] for w in (await asyncio.to_thread(admin, self.urls["main"]))["workers"]] + ["Ingress"]
         rss_start = await asyncio.to_thread(worker_rss_mib, "main", deployments)
         load = self.load("main", tally, concurrency=self.args.soak_concurrency)
         stop = asyncio.Event()

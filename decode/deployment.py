@@ -1,4 +1,4 @@
-"""Ray Serve deployment of the decode (or aggregated, role "both") worker, one replica each."""
+"""Ray Serve deployment of the decode (or aggregated, role "both") worker; `splitserve.app` sets its replicas and router."""
 
 from __future__ import annotations
 
@@ -10,6 +10,6 @@ MAX_ONGOING_REQUESTS = 4096
 
 DecodeDeployment = serve.deployment(
     DecodeWorker,
-    name="DecodeWorker", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10, graceful_shutdown_timeout_s=5,
-    logging_config={"enable_access_log": False},  # the ingress polls load() ten times a second
+    name="DecodeWorker", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10,
+    logging_config={"enable_access_log": False},  # Serve asks for routing stats several times a second
 )

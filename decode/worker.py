@@ -1,24 +1,26 @@
 """Decode worker: reserves blocks for incoming KV, admits sequences once it lands, streams tokens.
 
-Request lifecycle on this worker (disaggregated path):
-  1. reserved: ``reserve_for(req_id, prompt)`` sets aside blocks for the part of
-     the prompt it does not cache, or raises ``WorkerBusy`` (back-pressure) when
-     the pool cannot hold it.
-  2. awaiting KV: ``generate_prefilled(req)`` waits for the prefill worker's NIXL
-     notification ``[req_id, first_token]`` (bounded by ``kv_wait_timeout_s``;
-     a first token that disagrees with the caller's is refused).
+Request lifecycle on this worker (disaggregated path), all inside one streaming
+call, ``serve_prefilled(GenerateRequest)``, so that Serve counts the request as in
+flight here from the first block reserved to the last token (a replica being
+scaled down drains it instead of dropping it):
+  1. reserved: blocks are set aside for the part of the prompt this worker does
+     not cache, and the ``Reservation`` is the stream's first item; or
+     ``WorkerBusy`` (back-pressure) is raised when the pool cannot hold it.
+  2. awaiting KV: the caller has the prefill worker write the prompt's KV into
+     those blocks; the NIXL notification ``[req_id, first_token]`` ends the wait
+     (bounded by ``kv_wait_timeout_s``).
   3. running: the sequence joins the continuous batch with its first token and
-     decodes one token per step; chunks stream back to the caller.
+     decodes one token per step; ``OutputChunk`` items stream back.
   4. finished / aborted: blocks return to the pool (prompt blocks stay as
      prefix cache).
 
-Letting go, whatever the moment the caller leaves: a ``generate_prefilled``
-stream that ends without finishing (cancelled, timed out, failed) frees its
-reservation or aborts its sequence itself, in a task of its own that a second
-cancellation cannot interrupt; the router also sends ``release``/``abort``
-(detached from the cancelled HTTP request, see ``splitserve.cleanup``); and a
-reservation nobody claims within ``reservation_ttl_s`` (a caller that vanished
-between reserve and prefill) is freed by the reaper.
+Letting go, whatever the moment the caller leaves: a stream that ends without
+finishing (cancelled, timed out, failed) frees its reservation or aborts its
+sequence itself, in a task of its own that a second cancellation cannot
+interrupt; the router also sends ``release``/``abort`` (detached from the
+cancelled HTTP request, see ``splitserve.cleanup``); and a reservation made with
+``reserve`` that nobody claims within ``reservation_ttl_s`` is freed by the reaper.
 
 Whole requests (``generate``, ``resume``) come from ``EngineWorker``: with role
 "both" this is an aggregated worker; a decode worker serves them when no
@@ -37,8 +39,8 @@ from typing import Any, TypeVar
 import msgpack
 
 from splitserve.engine.block_pool import NoFreeBlocks
-from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.worker_base import EngineWorker, WorkerBusy, output_chunk
+from splitserve.worker_base import EngineWorker, WorkerBusy
+from splitserve.worker_messages import GenerateRequest, OutputChunk, Reservation
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,8 +56,8 @@ class DecodeWorker(EngineWorker):
     role = "decode"
 
     def __init__(self, *args: Any, role: str = "decode", **kwargs: Any):
+        self.role = role  # before the base class names the worker after it
         super().__init__(*args, **kwargs)
-        self.role = role
         self._reserved_at: dict[str, float] = {}
         self._arrived: dict[str, tuple[int, float]] = {}  # req_id -> (first token, arrival time)
         self._waiters: dict[str, asyncio.Future] = {}
@@ -72,16 +74,6 @@ class DecodeWorker(EngineWorker):
         self._arrived.pop(req_id, None)
         return await self.aengine.call(lambda: self.engine.release_reservation(req_id))
 
-    async def reserve_for(self, req_id: str, prompt_token_ids: list[int]) -> dict[str, Any]:
-        """Prefix-aware ``reserve``: the prompt's leading blocks this worker already caches are reused.
-
-        Returns ``{"num_cached_blocks": k, "block_ids": [...]}``: the prefill worker
-        writes the prompt's blocks from k on into ``block_ids`` (never into the
-        shared cached ones). Raises ``WorkerBusy`` when the pool cannot hold the rest.
-        """
-        prompt = list(prompt_token_ids)
-        k, blocks = await self._reserve(req_id, len(prompt), lambda: self.engine.reserve_prompt(req_id, prompt))
-        return {"num_cached_blocks": k, "block_ids": blocks}
 
     async def _reserve(self, req_id: str, num_prompt_tokens: int, reserve: Callable[[], T]) -> T:
         """Run an engine reservation between steps, turn a full pool into ``WorkerBusy``, start the reaper."""
@@ -133,26 +125,26 @@ class DecodeWorker(EngineWorker):
             self._waiters.pop(req_id, None)
 
     # ---- generation --------------------------------------------------------------
-    async def generate_prefilled(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream a request whose prompt KV the prefill worker is writing into our reserved blocks."""
-        req_id = req["req_id"]
+    async def serve_prefilled(self, req: GenerateRequest) -> AsyncIterator[Reservation | OutputChunk]:
+        """Reserve blocks for ``req``'s prompt (the first item: a ``Reservation``; the leading blocks this worker
+        already caches are reused and never written into), wait for its KV, then stream its ``OutputChunk``s."""
+        req_id, prompt = req.req_id, req.prompt_token_ids
+        k, blocks = await self._reserve(req_id, len(prompt), lambda: self.engine.reserve_prompt(req_id, prompt))
         self.num_requests += 1
-        finished = False
+        start = time.monotonic()
+        self.meters.on_arrival(start, len(prompt))
+        finished = streaming = False
         try:
-            timeout = float(req.get("kv_timeout_s") or self.options.kv_wait_timeout_s)
-            first_token = req.get("first_token")
-            notified = await self._wait_kv(req_id, timeout)
-            if first_token is not None and int(first_token) != notified:
-                raise RuntimeError(f"{req_id}: first token {first_token} from the caller disagrees with the KV notification ({notified})")
+            yield Reservation(k, blocks)
+            first_token = await self._wait_kv(req_id, self.options.kv_wait_timeout_s)
             self._reserved_at.pop(req_id, None)
-            params = SamplingParams.from_dict(req["sampling"])
-            prompt_ids = list(req["prompt_token_ids"])
-            add = lambda: self.engine.add_prefilled_request(req_id, prompt_ids, notified, params, priority=req.get("priority", 0))  # noqa: E731
-            async for out in self.aengine.stream(req_id, add, coalesce=True):
-                finished = out.finished
-                yield output_chunk(out)
+            add = lambda: self.engine.add_prefilled_request(req_id, prompt, first_token, req.params, priority=req.priority)  # noqa: E731
+            streaming = True  # from here ``_stream`` counts a failure
+            async for chunk in self._stream(req_id, add, start):
+                finished = chunk.finished
+                yield chunk
         except BaseException:
-            if not finished:
+            if not streaming:
                 self.num_failed += 1
             raise
         finally:
@@ -167,6 +159,11 @@ class DecodeWorker(EngineWorker):
         task.add_done_callback(self._cleanups.discard)
         await asyncio.shield(task)
 
-    async def _let_go(self, req_id: str) -> None:
-        if not await self.release(req_id):
-            await self.aengine.abort(req_id)  # admitted already: AsyncEngine.stream aborts it too; this is idempotent
+    async def _let_go(self, req_id: str) -> bool:
+        if await self.release(req_id):
+            return True
+        return await self.aengine.abort(req_id)  # admitted already: AsyncEngine.stream aborts it too; this is idempotent
+
+    async def abort(self, req_id: str) -> bool:
+        """Free whatever ``req_id`` holds here: its reservation (KV not arrived yet) or its running sequence."""
+        return await self._let_go(req_id)

@@ -35,6 +35,10 @@ class EngineStepError(RuntimeError):
     """The engine step failed while this request was in flight."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine loop has been stopped: no call into it can run any more."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -45,10 +49,13 @@ class AsyncEngine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
         self.num_steps = 0
 
     # ---- lifecycle -------------------------------------------------------------
     def start(self) -> None:
+        if self._stopped:
+            raise EngineStopped("the engine has been stopped")
         if self._task is not None:
             return
         self._loop = asyncio.get_running_loop()
@@ -56,9 +63,17 @@ class AsyncEngine:
         self._task = self._loop.create_task(self._run(), name="engine-loop")
 
     async def stop(self) -> None:
+        """Stop the loop; calls still queued, and any made later, fail with ``EngineStopped`` (none waits forever)."""
+        self._stopped = True
         await cancel_and_wait(self._task)
         self._task = None
         self._executor.shutdown(wait=True)
+        with self._ops_lock:
+            ops, self._ops = self._ops, []
+        for _, fut in ops:
+            _resolve(fut, None, EngineStopped("the engine stopped before this call ran"))
+        for q in self._queues.values():
+            q.put_nowait(EngineStopped("the engine stopped while this request ran"))
 
     # ---- calls into the engine thread ------------------------------------------
     async def call(self, fn: Callable[[], T]) -> T:
@@ -158,6 +173,8 @@ class AsyncEngine:
     async def _abort_quietly(self, req_id: str) -> None:
         try:
             await self.call(lambda: self.engine.abort_request(req_id))
+        except EngineStopped:
+            pass  # nothing runs any more, nothing to free
         except Exception:  # pragma: no cover - abort must never raise into a finally
             logger.exception("abort of %s failed", req_id)
 

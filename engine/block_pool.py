@@ -39,6 +39,10 @@ class NoFreeBlocks(RuntimeError):
     """Raised by ``allocate`` when the pool cannot satisfy a request (callers check ``can_allocate`` first)."""
 
 
+class WorkerBusy(RuntimeError):
+    """A worker cannot take a request now: its KV pool has no room for it (back-pressure: try another, or later)."""
+
+
 class BlockPool:
     """Block ids 0..num_blocks-1 with reference counts and an LRU of free blocks."""
 

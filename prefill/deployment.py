@@ -1,5 +1,5 @@
-"""Ray Serve deployment of the prefill worker (one replica per deployment, so the
-scheduler can address each worker; ``num_gpus`` in its ``ray_actor_options`` on GPU clusters)."""
+"""Ray Serve deployment of the prefill worker; ``splitserve.app`` sets its replicas, resources
+(``num_gpus`` on GPU clusters) and the router that lets the scheduler address each replica."""
 
 from __future__ import annotations
 
@@ -12,6 +12,6 @@ MAX_ONGOING_REQUESTS = 4096
 
 PrefillDeployment = serve.deployment(
     PrefillWorker,
-    name="PrefillWorker", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10, graceful_shutdown_timeout_s=5,
-    logging_config={"enable_access_log": False},  # the ingress polls load() ten times a second
+    name="PrefillWorker", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10,
+    logging_config={"enable_access_log": False},  # Serve asks for routing stats several times a second
 )

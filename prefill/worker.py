@@ -1,30 +1,31 @@
 """Prefill worker: computes prompt KV, pushes it to a decode worker over NIXL, returns the first token.
 
 Request lifecycle on this worker:
-  1. ``prefill(req)`` arrives with the prompt, the sampling settings and the
-     destination: decode worker id + the block ids it reserved, and how many of
-     the prompt's leading blocks it already caches (those are not sent).
+  1. ``prefill(PrefillRequest)`` arrives with the prompt, the sampling settings
+     and the destination: the decode worker's name and its ``Reservation`` (the
+     block ids it reserved, and how many of the prompt's leading blocks it
+     already caches: those are not sent).
   2. waiting -> prefilling: the engine batches it with other prompts under the
      token budget (chunked when long, cached prefix blocks skipped) and samples
      the first token; the request's blocks are *held* (not freed) at the end.
   3. transferring: one NIXL WRITE of the prompt's remaining blocks into the decode
      worker's blocks, carrying a notification ``[req_id, first_token]``;
      bounded by ``transfer_timeout_s``.
-  4. done: the held blocks are released (they stay as prefix cache) and the
-     first token plus timings go back to the caller. On any failure or
-     cancellation the blocks are released too and the error propagates.
+  4. done: the held blocks are released (they stay as prefix cache) and a
+     ``PrefillResult`` (first token, timings) goes back to the caller. On any
+     failure or cancellation the blocks are released too and the error propagates.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
 
 import msgpack
 
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.worker_base import EngineWorker
+from splitserve.worker_base import EngineWorker
+from splitserve.worker_messages import PrefillRequest, PrefillResult
 
 
 class PrefillFailed(RuntimeError):
@@ -39,16 +40,16 @@ def prefill_only(params: SamplingParams) -> SamplingParams:
 class PrefillWorker(EngineWorker):
     role = "prefill"
 
-    async def prefill(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Prefill ``req`` and write its KV to ``req['decode_worker_id']`` at ``req['dst_block_ids']``."""
-        req_id = req["req_id"]
-        prompt_ids = list(req["prompt_token_ids"])
-        params = prefill_only(SamplingParams.from_dict(req["sampling"]))
+    async def prefill(self, msg: PrefillRequest) -> PrefillResult:
+        """Prefill ``msg.req`` and write its KV into ``msg.decode_worker_id``'s reserved blocks."""
+        req, reservation = msg.req, msg.reservation
+        req_id, prompt_ids = req.req_id, req.prompt_token_ids
         self.num_requests += 1
         t0 = time.monotonic()
+        self.meters.on_arrival(t0, len(prompt_ids))
         final = None
         try:
-            async for out in self.aengine.generate(req_id, prompt_ids, params, priority=req.get("priority", 0), keep_kv=True):
+            async for out in self.aengine.generate(req_id, prompt_ids, prefill_only(req.params), priority=req.priority, keep_kv=True):
                 final = out
             assert final is not None and final.finished
             if final.finish_reason != "length":  # "error": sampling its first token failed (logged by the engine)
@@ -56,15 +57,14 @@ class PrefillWorker(EngineWorker):
             prefill_s = time.monotonic() - t0
             first_token = final.token_ids[0]
             num_blocks = -(-len(prompt_ids) // self.engine.block_size)
-            skip = int(req.get("dst_num_cached_blocks", 0))  # leading blocks the decode worker already holds
+            skip = reservation.num_cached_blocks  # leading blocks the decode worker already holds
             if not 0 <= skip < num_blocks:
                 raise ValueError(f"decode worker claims {skip} cached blocks of a {num_blocks}-block prompt")
             src = final.kv_block_ids[skip:num_blocks]
-            dst = list(req["dst_block_ids"])[: num_blocks - skip]
+            dst = reservation.block_ids[: num_blocks - skip]
             if len(dst) < num_blocks - skip:
                 raise ValueError(f"decode worker reserved {len(dst)} blocks, the prompt needs {num_blocks - skip} more")
-            notif = msgpack.packb([req_id, first_token])
-            handle = self.agent.write_blocks(req["decode_worker_id"], src, dst, notif)
+            handle = self.agent.write_blocks(msg.decode_worker_id, src, dst, msgpack.packb([req_id, first_token]))
             try:
                 await self.agent.wait_async(handle, self.options.transfer_timeout_s)
             except BaseException:
@@ -73,16 +73,10 @@ class PrefillWorker(EngineWorker):
             transfer_s = time.monotonic() - t0 - prefill_s
             self.transfer_bytes += handle.num_bytes
             self.transfer_seconds += transfer_s
+            self.meters.on_first_token(time.monotonic(), prefill_s + transfer_s)
         except BaseException:
             self.num_failed += 1
             raise
         finally:
             await self.aengine.call(lambda: self.engine.release_kv(req_id))
-        return {
-            "req_id": req_id,
-            "first_token": first_token,
-            "num_cached_tokens": final.metrics.num_cached_tokens,
-            "prefill_s": prefill_s,
-            "transfer_bytes": handle.num_bytes,
-            "transfer_s": transfer_s,
-        }
+        return PrefillResult(req_id, first_token, final.metrics.num_cached_tokens, prefill_s, handle.num_bytes, transfer_s)

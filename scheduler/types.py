@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from splitserve.engine.block_pool import WorkerBusy  # noqa: F401  (the policy's back-pressure signal, raised by workers)
+
 
 class WorkerRole(str, Enum):
     """What a worker can do. ``BOTH`` is an aggregated worker (prefill + decode)."""
@@ -156,6 +158,3 @@ class PairingPolicy(Protocol):
         exclude: frozenset[str] = frozenset(),
     ) -> PairDecision: ...
 
-
-class WorkerBusy(RuntimeError):
-    """Raised by a worker that cannot take a request now (no KV blocks): try another or later."""

@@ -1,4 +1,5 @@
-"""The Ray Serve application: P prefill + D decode deployments (or D aggregated ones) and the ingress.
+"""The Ray Serve application: a ``prefill`` and a ``decode`` deployment of N replicas each (or one
+``worker`` deployment of aggregated replicas), and the ingress.
 
     from splitserve.app import build_app
     serve.run(build_app(ServeConfig(num_prefill=2, num_decode=1)), route_prefix="/")
@@ -8,8 +9,12 @@ or from a Serve config file / the Serve CLI (``args`` are a ``ServeConfig``):
     serve run splitserve.app:app_builder num_prefill=1 num_decode=1
     applications: [{name: splitserve, route_prefix: /, import_path: "splitserve.app:app_builder", args: {...}}]
 
-Each worker is its own single-replica deployment (``prefill-0``, ``decode-0``,
-...) so the scheduler can pick exactly which worker serves which request.
+A role's replicas are a fixed count or an autoscaling range: Serve's own policy on
+in-flight requests, or the SLA planner (``planner:``) when configured. Each worker
+deployment carries ``PinnedReplicaRouter``: the pairing policy in the ingress picks
+the replicas, the router sends each call to the one named, and publishes the live
+replicas with their load to the ingress (``ServeDirectory``). A replica being
+removed gets no new requests and drains its streams for ``drain_timeout_s``.
 """
 
 from __future__ import annotations
@@ -18,21 +23,28 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from splitserve.config import ServeConfig, WorkerResources
 from splitserve.decode.deployment import DecodeDeployment
 from splitserve.engine.llm_engine import resolve_model_path
 from splitserve.ingress import IngressCore, build_http_app
 from splitserve.prefill.deployment import PrefillDeployment
+from splitserve.scheduler.directory import ServeDirectory
+
+# Serve's own autoscaling target per replica when a role has a range and no planner: a decode replica
+# batches its streams (each is one in-flight request), a prefill replica works through few prompts at once.
+TARGET_ONGOING = {"prefill": 2, "decode": 32}
 
 
 @serve.ingress()
 class Ingress:
-    """HTTP ingress replica: builds the FastAPI app around the worker handles it was bound with."""
+    """HTTP ingress replica: builds the FastAPI app around the worker deployments' handles."""
 
-    def __init__(self, config: dict[str, Any], prefill: dict[str, Any], decode: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], workers: dict[str, Any]):
         cfg = ServeConfig.model_validate(config)
-        self.core = IngressCore(cfg, resolve_model_path(cfg.engine.model), prefill, decode)
+        directory = ServeDirectory(workers, serve.get_replica_context().app_name)
+        self.core = IngressCore(cfg, resolve_model_path(cfg.engine.model), directory)
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.core)
@@ -52,11 +64,6 @@ def _actor_options(res: WorkerResources, num_threads: int | None) -> dict[str, A
     return opts
 
 
-def worker_ids(cfg: ServeConfig) -> tuple[list[str], list[str]]:
-    prefix = "worker" if cfg.mode == "aggregated" else "decode"
-    return [f"prefill-{i}" for i in range(cfg.num_prefill_workers)], [f"{prefix}-{i}" for i in range(cfg.num_decode)]
-
-
 def worker_options(cfg: ServeConfig) -> dict[str, Any]:
     """The ``WorkerOptions`` fields every worker gets from the config."""
     return {
@@ -68,28 +75,55 @@ def worker_options(cfg: ServeConfig) -> dict[str, Any]:
         "delay_fraction": cfg.faults.delay_fraction,
         "delay_s": cfg.faults.delay_s,
         "fault_seed": cfg.faults.seed,
+        # three planner intervals: long enough for a steady rate, short enough to see a step within seconds
+        "meter_window_s": min(30.0, max(3.0, 3 * cfg.planner.interval_s)) if cfg.planner is not None else 30.0,
     }
+
+
+def scaling_options(cfg: ServeConfig, role: str) -> dict[str, Any]:
+    """``num_replicas``, or an ``autoscaling_config`` (Serve's policy, or the SLA planner's) for ``role``."""
+    replicas = cfg.replicas(role)
+    if isinstance(replicas, int):
+        return {"num_replicas": replicas}
+    autoscaling: dict[str, Any] = {
+        "min_replicas": replicas.min, "max_replicas": replicas.max, "initial_replicas": replicas.start,
+        "target_ongoing_requests": TARGET_ONGOING[role],
+    }
+    if cfg.planner is not None:
+        from splitserve.planner_policy import planner_autoscaling
+
+        autoscaling.update(planner_autoscaling(cfg, role))
+    return {"autoscaling_config": autoscaling}
+
+
+def _role(cls: Any, name: str, cfg: ServeConfig, scaled_as: str, res: WorkerResources, engine: dict[str, Any], **kwargs: Any) -> Any:
+    """The deployment ``name`` of ``cls``; ``scaled_as``: the role whose replica count and policy it takes."""
+    opts = _actor_options(res, cfg.engine.num_threads)
+    if cfg.planner is not None:  # replicas push their measurements often enough for the planner's interval
+        from splitserve.planner_policy import METRIC_PUSH_ENV, metric_push_interval_s
+
+        opts["runtime_env"]["env_vars"][METRIC_PUSH_ENV] = str(metric_push_interval_s(cfg.planner.interval_s))
+    if engine.get("num_threads") is None:
+        engine = {**engine, "num_threads": int(opts["runtime_env"]["env_vars"]["OMP_NUM_THREADS"])}
+    router = RequestRouterConfig(
+        request_router_class="splitserve.serve_router:PinnedReplicaRouter", request_routing_stats_period_s=cfg.routing.load_report_interval_s,
+    )
+    return cls.options(
+        name=name, ray_actor_options=opts, request_router_config=router, graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+        **scaling_options(cfg, scaled_as),
+    ).bind(engine, worker_options(cfg), **kwargs)
 
 
 def build_app(cfg: ServeConfig) -> Application:
     engine = cfg.engine.model_dump()
-    options = worker_options(cfg)
-    prefill_ids, decode_ids = worker_ids(cfg)
-    p_opts = _actor_options(cfg.prefill_resources, cfg.engine.num_threads)
-    d_opts = _actor_options(cfg.decode_resources, cfg.engine.num_threads)
-    if engine.get("num_threads") is None:
-        engine_p = {**engine, "num_threads": int(p_opts["runtime_env"]["env_vars"]["OMP_NUM_THREADS"])}
-        engine_d = {**engine, "num_threads": int(d_opts["runtime_env"]["env_vars"]["OMP_NUM_THREADS"])}
+    if cfg.mode == "aggregated":
+        workers = {"worker": _role(DecodeDeployment, "worker", cfg, "decode", cfg.decode_resources, engine, role="both")}
     else:
-        engine_p = engine_d = engine
-    role = "both" if cfg.mode == "aggregated" else "decode"
-    prefill = {
-        wid: PrefillDeployment.options(name=wid, ray_actor_options=p_opts).bind(wid, engine_p, options) for wid in prefill_ids
-    }
-    decode = {
-        wid: DecodeDeployment.options(name=wid, ray_actor_options=d_opts).bind(wid, engine_d, options, role=role) for wid in decode_ids
-    }
-    return IngressDeployment.options(ray_actor_options={"num_cpus": 0}).bind(cfg.model_dump(), prefill, decode)
+        workers = {
+            "prefill": _role(PrefillDeployment, "prefill", cfg, "prefill", cfg.prefill_resources, engine),
+            "decode": _role(DecodeDeployment, "decode", cfg, "decode", cfg.decode_resources, engine),
+        }
+    return IngressDeployment.options(ray_actor_options={"num_cpus": 0}).bind(cfg.model_dump(), workers)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -73,7 +73,7 @@ class RoutingConfig(BaseModel):
     prefix_aware: bool = Field(True, description="route a prompt to the worker whose prefix cache holds most of it (workers report cache summaries)")
     max_prefill_queue_tokens: int | None = Field(None, ge=1, description="above this, prefill locally instead of queueing")
     max_attempts: int = Field(3, ge=1, description="tries per request across workers before failing it")
-    load_poll_interval_s: float = Field(0.25, gt=0, description="how often the ingress asks each worker for its load")
+    load_report_interval_s: float = Field(0.25, gt=0, description="how often each worker publishes its load (Serve's routing-stats period)")
     load_max_age_s: float = Field(5.0, gt=0, description="a worker whose load report is older is treated as unhealthy")
     prefill_timeout_s: float = Field(120.0, gt=0, description="queueing + prefill + transfer of one request")
     request_timeout_s: float = Field(600.0, gt=0, description="a whole request, end to end")
@@ -96,12 +96,60 @@ class FaultConfig(BaseModel):
     seed: int = 0
 
 
+class ReplicaRange(BaseModel):
+    """An autoscaling range of replicas for one role (``"1:4"`` on the command line)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(..., ge=0)
+    max: int = Field(..., ge=1)
+    initial: int | None = Field(None, ge=0, description="replicas at deployment (default: min, at least 1)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReplicaRange":
+        if self.min > self.max:
+            raise ValueError(f"replica range min ({self.min}) is above max ({self.max})")
+        if self.initial is not None and not self.min <= self.initial <= self.max:
+            raise ValueError(f"replica range initial ({self.initial}) must lie within [{self.min}, {self.max}]")
+        return self
+
+    @property
+    def start(self) -> int:
+        return self.initial if self.initial is not None else max(1, self.min)
+
+    @classmethod
+    def parse(cls, text: str) -> "int | ReplicaRange":
+        """``"2"`` -> 2 (fixed); ``"1:4"`` -> a range."""
+        low, sep, high = str(text).partition(":")
+        try:
+            return cls(min=int(low), max=int(high)) if sep else int(low)
+        except ValueError as e:
+            raise ValueError(f"replicas must be a count (2) or a range (1:4), got {text!r}") from e
+
+
+class PlannerSettings(BaseModel):
+    """The SLA planner (``splitserve.tune.sla_planner``): it sets each role's replicas within its range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_slo_s: float = Field(..., gt=0, description="time-to-first-token target")
+    itl_slo_s: float = Field(..., gt=0, description="inter-token latency target")
+    profile: str = Field(..., description="profile.json from `splitserve tune --profile-only` (or a calibrated one)")
+    interval_s: float = Field(10.0, gt=0, description="how often the planner decides")
+    predictor: Literal["constant", "ema", "linear"] = "ema"
+    scale_down_headroom: float = Field(0.2, ge=0)
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["disaggregated", "aggregated"] = "disaggregated"
-    num_prefill: int = Field(1, ge=0, description="prefill worker replicas (disaggregated mode)")
-    num_decode: int = Field(1, ge=1, description="decode workers, or aggregated workers in aggregated mode")
+    num_prefill: int | ReplicaRange = Field(1, description="prefill replicas (disaggregated mode): a count, or a range {min, max} to autoscale")
+    num_decode: int | ReplicaRange = Field(1, description="decode replicas, or aggregated ones in aggregated mode: a count or a range")
+    planner: PlannerSettings | None = Field(None, description="scale the roles to SLOs (needs ranges for the roles it scales)")
+    drain_timeout_s: float = Field(
+        120.0, gt=0, description="a replica being removed (scale-down, redeploy) finishes its streams for up to this long",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
@@ -118,8 +166,17 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_mode(self) -> "ServeConfig":
-        if self.mode == "disaggregated" and self.num_prefill < 1:
+        if isinstance(self.num_decode, int) and self.num_decode < 1:
+            raise ValueError(f"num_decode must be >= 1, got {self.num_decode}")
+        for role, replicas in (("num_prefill", self.num_prefill), ("num_decode", self.num_decode)):
+            if isinstance(replicas, ReplicaRange) and replicas.min < 1:
+                # the pairing policy serves around a role with no replica (degraded mode), so neither Serve's
+                # autoscaler nor the planner would ever see the load that should bring it back
+                raise ValueError(f"{role}: a replica range needs min >= 1 (a role scaled to zero is never scaled back), got min {replicas.min}")
+        if self.mode == "disaggregated" and self.max_replicas("prefill") < 1:
             raise ValueError("disaggregated mode needs num_prefill >= 1 (or use mode: aggregated)")
+        if self.planner is not None and not any(isinstance(r, ReplicaRange) for r in (self.num_decode, self.num_prefill)):
+            raise ValueError("planner: give a replica range to at least one role it may scale, e.g. num_decode: {min: 1, max: 4}")
         if self.reservation_ttl_s is not None and self.reservation_ttl_s <= self.routing.prefill_timeout_s:
             raise ValueError(
                 f"reservation_ttl_s ({self.reservation_ttl_s:g}) must exceed routing.prefill_timeout_s "
@@ -135,9 +192,24 @@ class ServeConfig(BaseModel):
             return self.reservation_ttl_s
         return max(300.0, self.routing.prefill_timeout_s + 60.0)
 
+    def replicas(self, role: str) -> int | ReplicaRange:
+        """The configured replicas of ``role`` ("prefill" or "decode"); prefill is 0 in aggregated mode."""
+        if role == "prefill":
+            return self.num_prefill if self.mode == "disaggregated" else 0
+        return self.num_decode
+
+    def max_replicas(self, role: str) -> int:
+        r = self.replicas(role)
+        return r.max if isinstance(r, ReplicaRange) else r
+
+    def start_replicas(self, role: str) -> int:
+        r = self.replicas(role)
+        return r.start if isinstance(r, ReplicaRange) else r
+
     @property
     def num_prefill_workers(self) -> int:
-        return self.num_prefill if self.mode == "disaggregated" else 0
+        """Prefill replicas at deployment."""
+        return self.start_replicas("prefill")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServeConfig":

@@ -1,10 +1,11 @@
 """One attempt at serving a request on the workers a decision names: reserve, prefill, transfer, stream.
 
-``Dispatcher.attempt(req, decision, resume)`` yields the worker's chunks:
+``Dispatcher.attempt(req, decision, resume)`` yields the worker's ``OutputChunk``s:
 
-* remote prefill: reserve blocks on D (``WorkerBusy``: back-pressure), prefill on
-  P, which writes the KV into them over NIXL, then stream ``generate_prefilled``
-  from D;
+* remote prefill: one stream from D, ``serve_prefilled``: its first item is the
+  ``Reservation`` of blocks for the prompt (``WorkerBusy``: back-pressure); the
+  router then has P prefill and write the KV into them over NIXL, and the rest of
+  D's stream is the tokens (the first one must be the token P sampled);
 * local: stream ``generate`` from the one worker (aggregated, conditional
   disaggregation, a fallback, or a prefill worker in degraded mode);
 * resumed: stream ``resume`` from the one worker (a migration, ``ResumeRequest``).
@@ -25,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from splitserve.cleanup import Janitor
-from splitserve.engine.worker_messages import ResumeRequest
+from splitserve.worker_messages import GenerateRequest, OutputChunk, PrefillRequest, PrefillResult, Reservation, ResumeRequest
 from splitserve.failures import describe, is_worker_death
 from splitserve.metrics import Metrics
 from splitserve.scheduler import PairDecision, QueueWaitEstimator, WorkerBusy
@@ -80,35 +81,24 @@ class Dispatcher:
 
     async def attempt(
         self, req: RoutedRequest, decision: PairDecision, resume: ResumeRequest | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[OutputChunk]:
         d_id, p_id = decision.decode_worker_id, decision.prefill_worker_id
         d = self.registry.handle(d_id)
         if resume is not None:
             assert p_id is None, decision
             self.metrics.routed.labels(d_id, "resume").inc()
             self._dispatched(d_id, len(resume.prompt_token_ids) + len(resume.output_token_ids))
-            async with contextlib.aclosing(self._remote_stream(d, "resume", resume, resume.req_id, d_id)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
-        body = {"req_id": req.req_id, "prompt_token_ids": req.prompt_token_ids, "sampling": req.params.to_dict(), "priority": req.priority}
-        if p_id is None:
-            self.metrics.routed.labels(d_id, "local").inc()
-            self._dispatched(d_id, len(req.prompt_token_ids))
-            async with contextlib.aclosing(self._remote_stream(d, "generate", body, req.req_id, d_id)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
-        dst = await self._reserve(d, d_id, req)
-        self.metrics.routed.labels(d_id, "decode").inc()
-        self.metrics.routed.labels(p_id, "prefill").inc()
-        result = await self._prefill(p_id, d, d_id, body, dst)
-        self.metrics.transfer_bytes.inc(result["transfer_bytes"])
-        self.metrics.transfer_seconds.observe(result["transfer_s"])
-        if result.get("num_cached_tokens"):
-            self.metrics.prefix_cached_tokens.inc(result["num_cached_tokens"])
-        body["first_token"] = result["first_token"]
-        async with contextlib.aclosing(self._remote_stream(d, "generate_prefilled", body, req.req_id, d_id)) as chunks:
+            method, msg, req_id = "resume", resume, resume.req_id
+        else:
+            msg, req_id = GenerateRequest(req.req_id, req.prompt_token_ids, req.params, req.priority), req.req_id
+            if p_id is None:
+                self.metrics.routed.labels(d_id, "local").inc()
+                self._dispatched(d_id, len(req.prompt_token_ids))
+                method = "generate"
+            else:
+                method = "serve_prefilled"
+        on_first = None if method != "serve_prefilled" else (lambda r: self._prefill(p_id, d_id, msg, r))
+        async with contextlib.aclosing(self._remote_stream(d, method, msg, req_id, d_id, on_first)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -129,48 +119,61 @@ class Dispatcher:
             raise WorkerDied(f"{worker_id} died while this call waited for it")
         raise asyncio.TimeoutError()
 
-    async def _reserve(self, d: Any, d_id: str, req: RoutedRequest) -> dict[str, Any]:
+    async def _prefill(self, p_id: str, d_id: str, req: GenerateRequest, reservation: Reservation) -> int:
+        """Have P prefill ``req`` into D's reserved blocks; returns the first token (``RetryableError`` on failure)."""
+        self.metrics.routed.labels(d_id, "decode").inc()
+        self.metrics.routed.labels(p_id, "prefill").inc()
+        self._dispatched(p_id, len(req.prompt_token_ids))
+        call = self.registry.handle(p_id).prefill.remote(PrefillRequest(req, d_id, reservation))
         try:
-            return await self._unless_dead(d_id, d.reserve_for.remote(req.req_id, req.prompt_token_ids), self.call_timeout_s)
-        except BaseException as e:
-            if not isinstance(e, (WorkerBusy, ValueError)) and not is_worker_death(e):
-                # no answer (timeout, cancelled, worker error): D may still make the reservation after we
-                # stopped waiting, and nobody would claim it; the release is queued behind it and undoes it
-                await self.release(d, d_id, req.req_id)
-            if not isinstance(e, Exception):
-                raise
-            self.note_failure(d_id, e)
-            reason = "decode_busy" if isinstance(e, WorkerBusy) else "reserve_failed"
-            raise RetryableError(reason, d_id, e, self.call_timeout_s) from e
-
-    async def _prefill(self, p_id: str, d: Any, d_id: str, body: dict[str, Any], dst: dict[str, Any]) -> dict[str, Any]:
-        p = self.registry.handle(p_id)
-        self._dispatched(p_id, len(body["prompt_token_ids"]))
-        call = p.prefill.remote({**body, "decode_worker_id": d_id, "dst_block_ids": dst["block_ids"],
-                                 "dst_num_cached_blocks": dst["num_cached_blocks"]})
-        try:
-            return await self._unless_dead(p_id, call, self.prefill_timeout_s)
+            result: PrefillResult = await self._unless_dead(p_id, call, self.prefill_timeout_s)
         except BaseException as e:
             _cancel(call)
-            await self.release(d, d_id, body["req_id"])
             if not isinstance(e, Exception):
                 raise
             self.note_failure(p_id, e)
             raise RetryableError("prefill_failed", p_id, e, self.prefill_timeout_s) from e
+        self.metrics.transfer_bytes.inc(result.transfer_bytes)
+        self.metrics.transfer_seconds.observe(result.transfer_s)
+        if result.num_cached_tokens:
+            self.metrics.prefix_cached_tokens.inc(result.num_cached_tokens)
+        return result.first_token
 
-    async def _remote_stream(self, handle: Any, method: str, msg: Any, req_id: str, worker_id: str) -> AsyncIterator[dict[str, Any]]:
+    async def _remote_stream(
+        self, handle: Any, method: str, msg: Any, req_id: str, worker_id: str,
+        on_first: Callable[[Reservation], Awaitable[int]] | None = None,
+    ) -> AsyncIterator[OutputChunk]:
+        """Stream ``method`` from one worker. With ``on_first`` the stream opens with a ``Reservation``, handed to
+        ``on_first`` (the prefill), whose first token the first chunk must carry. Whatever ends the stream early,
+        the request is aborted on the worker (unless it died), which also frees a reservation."""
         gen = getattr(handle.options(stream=True), method).remote(msg)
         finished = died = False
         try:
-            waiting = self._unless_dead(worker_id, gen.__anext__(), None)  # the first chunk: unless it died meanwhile
+            first = self._unless_dead(worker_id, gen.__anext__(), self.call_timeout_s if on_first else None)
+            if on_first is not None:
+                try:
+                    reservation = await first
+                except Exception as e:
+                    died = is_worker_death(e)
+                    self.note_failure(worker_id, e)
+                    reason = "decode_busy" if isinstance(e, WorkerBusy) else "reserve_failed"
+                    raise RetryableError(reason, worker_id, e, self.call_timeout_s) from e
+                first_token = await on_first(reservation)
+                first = gen.__anext__()
+            waiting = first
             while True:
                 try:
                     chunk = await waiting
                 except StopAsyncIteration:
                     break
-                finished = chunk["finished"]
+                if on_first is not None and chunk.new_token_ids and chunk.num_output_tokens == len(chunk.new_token_ids):
+                    if chunk.new_token_ids[0] != first_token:  # what P sampled must be what D starts from
+                        raise RuntimeError(f"{req_id}: {worker_id} started from token {chunk.new_token_ids[0]}, the prefill sampled {first_token}")
+                finished = chunk.finished
                 yield chunk
                 waiting = gen.__anext__()
+        except RetryableError:
+            raise
         except Exception as e:
             died = is_worker_death(e)
             self.note_failure(worker_id, e)
@@ -181,10 +184,8 @@ class Dispatcher:
                 if not died:
                     await self.abort(handle, worker_id, req_id)
 
-    async def release(self, handle: Any, worker_id: str, req_id: str) -> None:
-        await self.janitor.run("release", f"{req_id} on {worker_id}", lambda: _as_awaitable(handle.release.remote(req_id)))
-
     async def abort(self, handle: Any, worker_id: str, req_id: str) -> None:
+        """Free everything ``req_id`` holds on the worker (its reservation or its sequence), detached from the caller."""
         await self.janitor.run("abort", f"{req_id} on {worker_id}", lambda: _as_awaitable(handle.abort.remote(req_id)))
 
 

@@ -41,9 +41,12 @@ from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.http_guard import APIError, HTTPGuard, internal_error_message, public_message
 from splitserve.metrics import Metrics
 from splitserve.openapi_bodies import openapi_with_request_bodies, request_body_schema
+from splitserve.planner_policy import read_decisions
 from splitserve.request_prep import PromptBuilder, off_loop
 from splitserve.router import RequestFailed, RoutedRequest, Router
+from splitserve.worker_messages import OutputChunk
 from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PromptTooLarge
+from splitserve.scheduler.directory import Directory
 from splitserve.scheduler.worker_registry import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ logger = logging.getLogger(__name__)
 class IngressCore:
     """State shared by the routes: tokenizer, limits, router, metrics."""
 
-    def __init__(self, cfg: ServeConfig, model_path: str, prefill: dict[str, Any], decode: dict[str, Any]):
+    def __init__(self, cfg: ServeConfig, model_path: str, directory: Directory):
+        """``directory``: where the workers are (``ServeDirectory`` in a deployment, ``LocalDirectory`` in tests)."""
         self.cfg = cfg
         self.model_path = model_path
         mc = ModelConfig.from_pretrained(model_path)
@@ -64,9 +68,7 @@ class IngressCore:
         self.metrics = Metrics(max_tenants=cfg.http.max_metric_tenants)
         self.prep = PromptBuilder(self.tokenizer, self.vocab_size, cfg.http)
         r = cfg.routing
-        self.registry = WorkerRegistry(
-            prefill, decode, poll_interval_s=r.load_poll_interval_s, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware,
-        )
+        self.registry = WorkerRegistry(directory, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware)
         policy = LeastLoadedPolicy(
             local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens,
             degraded_mode=r.degraded_mode,
@@ -116,7 +118,7 @@ class IngressCore:
         return RoutedRequest(req_id or uuid.uuid4().hex, prompt_ids, params, priority=req.priority, tenant=req.tenant)
 
     # ---- streaming ---------------------------------------------------------------
-    async def chunks(self, rreq: RoutedRequest) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, rreq: RoutedRequest) -> AsyncIterator[OutputChunk]:
         """The router's chunks with metrics recorded and the whole request bounded in time."""
         self.registry.start()
         tenant = self.metrics.tenant_label(rreq.tenant)  # bounded: at most http.max_metric_tenants labels
@@ -130,16 +132,16 @@ class IngressCore:
                 async with contextlib.aclosing(self.router.stream(rreq)) as stream:
                     async for chunk in stream:
                         now = time.monotonic()
-                        if chunk["new_token_ids"]:
+                        if chunk.new_token_ids:
                             if last is None:
                                 m.ttft.labels(mode).observe(now - rreq.arrival)
                             else:
-                                m.itl.labels(mode).observe((now - last) / len(chunk["new_token_ids"]))
+                                m.itl.labels(mode).observe((now - last) / len(chunk.new_token_ids))
                             last = now
-                        if chunk["finished"]:
-                            status = "ok" if chunk["finish_reason"] in ("stop", "length") else chunk["finish_reason"]
-                            m.prompt_tokens.labels(tenant).inc(chunk["num_prompt_tokens"])
-                            m.generation_tokens.labels(tenant).inc(chunk["num_output_tokens"])
+                        if chunk.finished:
+                            status = "ok" if chunk.finish_reason in ("stop", "length") else chunk.finish_reason
+                            m.prompt_tokens.labels(tenant).inc(chunk.num_prompt_tokens)
+                            m.generation_tokens.labels(tenant).inc(chunk.num_output_tokens)
                             m.e2e.labels(mode).observe(now - rreq.arrival)
                         yield chunk
         except TimeoutError as e:
@@ -229,9 +231,9 @@ def build_http_app(core: IngressCore) -> FastAPI:
         async def collect() -> None:
             nonlocal finish, n_out
             async for chunk in core.chunks(rreq):
-                text.append(chunk["new_text"])
-                token_ids.extend(chunk["new_token_ids"])
-                finish, n_out = chunk["finish_reason"], chunk["num_output_tokens"]
+                text.append(chunk.new_text)
+                token_ids.extend(chunk.new_token_ids)
+                finish, n_out = chunk.finish_reason, chunk.num_output_tokens
 
         try:
             if not await _unless_disconnected(request, collect(), core.cfg.http.disconnect_poll_s):
@@ -275,13 +277,17 @@ def build_http_app(core: IngressCore) -> FastAPI:
     async def metrics() -> Response:
         core.metrics.update_workers(list(core.registry.reports.values()), core.registry.healthy_ids())
         core.metrics.degraded.set(core.router.serving_state().status == "degraded")
+        core.metrics.update_planner(read_decisions(core.cfg.app_name))
         return Response(core.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/workers")
     async def workers() -> dict:
         healthy = core.registry.healthy_ids()
-        workers = [{**rep, "healthy": wid in healthy} for wid, rep in sorted(core.registry.reports.items())]
-        return {"workers": workers, **core.router.summary()}  # + serving state, fallbacks, migrations, cleanups
+        registry = core.registry
+        workers = [{**rep, **registry.info(wid), "healthy": wid in healthy} for wid, rep in sorted(registry.reports.items())]
+        planner = read_decisions(core.cfg.app_name)
+        # + serving state, fallbacks, migrations, cleanups; the planner's last decision per role when it runs
+        return {"workers": workers, **core.router.summary(), **({"planner": planner} if planner else {})}
 
     return app
 
@@ -334,22 +340,22 @@ async def _sse(
         yield oai.sse_event(oai.chat_chunk(rid, model, "", role="assistant", created=created))
     try:
         async for chunk in core.chunks(rreq):
-            n_out = chunk["num_output_tokens"]
-            finish = chunk["finish_reason"] if chunk["finished"] else None
+            n_out = chunk.num_output_tokens
+            finish = chunk.finish_reason if chunk.finished else None
             if finish not in (None, "stop", "length"):
                 err = _ended_early(finish, rid)
                 yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
                 yield oai.sse_event("[DONE]")
                 return
-            text = chunk["new_text"]
-            if not text and finish is None and not (return_token_ids and chunk["new_token_ids"]):
+            text = chunk.new_text
+            if not text and finish is None and not (return_token_ids and chunk.new_token_ids):
                 continue
             if chat:
                 event = oai.chat_chunk(rid, model, text, finish_reason=finish, created=created)
             else:
                 event = oai.completion_chunk(rid, model, text, finish_reason=finish, created=created)
             if return_token_ids:
-                event["choices"][0]["token_ids"] = chunk["new_token_ids"]
+                event["choices"][0]["token_ids"] = chunk.new_token_ids
             yield oai.sse_event(event)
     except Exception as e:  # the stream ends with an error event, never silently; details only in the log
         err = _error_for(e, rid)

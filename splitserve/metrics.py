@@ -60,6 +60,14 @@ class Metrics:
             "splitserve_cleanup_failures", "Release/abort calls that did not complete (the worker's reaper frees them)", ["call"], registry=r,
         )
         self.degraded = Gauge("splitserve_degraded", "1 while a role is down and the other serves whole requests", registry=r)
+        self.replicas = Gauge("splitserve_replicas", "Live worker replicas per role", ["role"], registry=r)
+        self.planner_desired = Gauge("splitserve_planner_desired_replicas", "Replicas the SLA planner last asked for", ["role"], registry=r)
+        self.planner_decisions = Counter(
+            "splitserve_planner_decisions", "SLA planner decisions seen by this ingress, by role and action (up, down, hold)",
+            ["role", "action"], registry=r,
+        )
+        self._worker_labels: set[tuple[str, str]] = set()
+        self._planner_seen: dict[str, float] = {}
 
     def tenant_label(self, tenant: str | None) -> str:
         """The label a request's tenant is counted under: itself while fewer than ``max_tenants`` are known, else "other".
@@ -77,6 +85,16 @@ class Metrics:
         return tenant
 
     def update_workers(self, reports: list[dict[str, Any]], healthy: set[str]) -> None:
+        """Copy the workers' latest reports into the per-worker gauges; drop the series of workers that left."""
+        current = {(rep["role"], rep["worker_id"]) for rep in reports}
+        for role, w in self._worker_labels - current:
+            for gauge in (self.queue_depth, self.running, self.worker_requests, self.worker_healthy):
+                gauge.remove(role, w)
+            for gauge in (self.kv_blocks_used, self.kv_blocks_total):
+                gauge.remove(w)
+        self._worker_labels = current
+        for role in ("prefill", "decode", "both"):
+            self.replicas.labels(role).set(sum(1 for r, _ in current if r == role))
         for rep in reports:
             w, role = rep["worker_id"], rep["role"]
             self.queue_depth.labels(role, w).set(rep["num_waiting"])
@@ -85,6 +103,15 @@ class Metrics:
             self.kv_blocks_total.labels(w).set(rep["num_total_blocks"])
             self.worker_requests.labels(role, w).set(rep["num_requests"])
             self.worker_healthy.labels(role, w).set(1.0 if w in healthy else 0.0)
+
+    def update_planner(self, decisions: dict[str, dict[str, Any]]) -> None:
+        """The SLA planner's last decision per role (``planner_policy.read_decisions``); each new one counted once."""
+        for role, d in decisions.items():
+            self.planner_desired.labels(role).set(d["desired"])
+            if self._planner_seen.get(role) != d["time"]:
+                self._planner_seen[role] = d["time"]
+                action = "up" if d["desired"] > d["current"] else "down" if d["desired"] < d["current"] else "hold"
+                self.planner_decisions.labels(role, action).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

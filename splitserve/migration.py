@@ -18,10 +18,9 @@ migrated ``migration_limit`` times, and failures that are the request's own
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.worker_messages import ResumeRequest
+from splitserve.worker_messages import OutputChunk, ResumeRequest
 from splitserve.failures import describe
 
 
@@ -34,9 +33,9 @@ class StreamProgress:
     num_migrations: int = 0
     worker_ids: list[str] = field(default_factory=list)  # the workers that streamed it, in order
 
-    def record(self, chunk: dict[str, Any]) -> None:
-        self.output_token_ids.extend(chunk["new_token_ids"])
-        self.num_sent_chars += len(chunk["new_text"])
+    def record(self, chunk: OutputChunk) -> None:
+        self.output_token_ids.extend(chunk.new_token_ids)
+        self.num_sent_chars += len(chunk.new_text)
 
 
 class StreamBroken(Exception):
@@ -68,7 +67,7 @@ def plan_migration(
         prompt_token_ids=list(prompt_token_ids),
         output_token_ids=list(progress.output_token_ids),
         num_sent_chars=progress.num_sent_chars,
-        sampling=params.to_dict(),
+        params=params,
         priority=priority,
         num_migrations=progress.num_migrations,
         origin_worker_ids=list(progress.worker_ids),

@@ -42,7 +42,7 @@ from splitserve.cleanup import Janitor
 from splitserve.dispatch import Dispatcher, RetryableError
 from splitserve.engine.block_pool import compute_block_hashes
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.worker_messages import ResumeRequest
+from splitserve.worker_messages import OutputChunk, ResumeRequest
 from splitserve.failures import describe
 from splitserve.metrics import Metrics
 from splitserve.migration import NotMigrated, StreamBroken, StreamProgress, plan_migration
@@ -108,7 +108,7 @@ class Router:
     def serving_state(self) -> ServingState:
         """ok / degraded (which role is missing, who stands in) / unavailable, from the healthy workers."""
         return serving_state(
-            self.registry.loads(), num_prefill_expected=len(self.registry.prefill),
+            self.registry.loads(), num_prefill_expected=len(self.registry.prefill) or int(self.mode == "disaggregated"),
             degraded_mode=getattr(self.policy, "degraded_mode", False),
         )
 
@@ -169,7 +169,7 @@ class Router:
         return decision
 
     # ---- serving -----------------------------------------------------------------
-    async def stream(self, req: RoutedRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, req: RoutedRequest) -> AsyncIterator[OutputChunk]:
         progress = StreamProgress()
         resume: ResumeRequest | None = None
         exclude: set[str] = set()
@@ -199,7 +199,7 @@ class Router:
 
     async def _attempts(
         self, req: RoutedRequest, exclude: set[str], progress: StreamProgress, resume: ResumeRequest | None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[OutputChunk]:
         """Try pairs until one streams; raises ``StreamBroken`` when the one streaming fails after its first chunk."""
         last_error: BaseException | None = None
         for attempt in range(1, self.max_attempts + 1):

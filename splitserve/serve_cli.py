@@ -27,8 +27,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="splitserve YAML config (flags below override it)")
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--mode", choices=["disaggregated", "aggregated"], default=None)
-    p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
-    p.add_argument("--decode", type=int, default=None, help="decode (or aggregated) workers (default 1)")
+    p.add_argument("--prefill", default=None, help="prefill replicas: a count (default 1) or a range to autoscale, e.g. 1:4")
+    p.add_argument("--decode", default=None, help="decode (or aggregated) replicas: a count (default 1) or a range, e.g. 1:4")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY"),
@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace):
 
     base = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     overrides = {
-        "engine.model": args.model, "mode": args.mode, "num_prefill": args.prefill, "num_decode": args.decode,
+        "engine.model": args.model, "mode": args.mode, "num_prefill": _replicas(args.prefill), "num_decode": _replicas(args.decode),
         "http.host": args.host, "http.port": args.port, "http.served_model_name": args.served_model_name,
         "http.api_key": None if args.api_key_file else args.api_key, "http.api_key_file": args.api_key_file,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
@@ -84,6 +84,15 @@ def use_loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
 
 
+def _replicas(text: str | None):
+    from splitserve.config import ReplicaRange
+
+    if text is None:
+        return None
+    value = ReplicaRange.parse(text)
+    return value.model_dump() if isinstance(value, ReplicaRange) else value
+
+
 def start_ray(cfg) -> None:
     import ray
 
@@ -94,7 +103,7 @@ def start_ray(cfg) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     use_loopback_only()
-    need = cfg.num_prefill_workers * cfg.prefill_resources.num_cpus + cfg.num_decode * cfg.decode_resources.num_cpus
+    need = cfg.max_replicas("prefill") * cfg.prefill_resources.num_cpus + cfg.max_replicas("decode") * cfg.decode_resources.num_cpus
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999) + 1), include_dashboard=False, log_to_driver=True)
 
 
@@ -132,6 +141,10 @@ def check_model(cfg) -> None:
     resolve_max_model_len(cfg.engine.max_model_len, inspect_checkpoint(resolve_model_path(cfg.engine.model)))
 
 
+def _shown(replicas) -> str:
+    return str(replicas) if isinstance(replicas, int) else f"{replicas.min}-{replicas.max} (autoscaled)"
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -140,7 +153,7 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg.http.resolved_api_key()  # an unreadable or empty key file, too
     start_ray(cfg)
     url = deploy(cfg, args.ready_timeout)
-    workers = f"{cfg.num_prefill_workers} prefill + {cfg.num_decode} decode" if cfg.mode == "disaggregated" else f"{cfg.num_decode} aggregated"
+    workers = f"{_shown(cfg.num_prefill)} prefill + {_shown(cfg.num_decode)} decode" if cfg.mode == "disaggregated" else f"{_shown(cfg.num_decode)} aggregated"
     print(f"splitserve ready at {url}/v1 ({cfg.mode}: {workers} workers); Ctrl-C to stop", flush=True)
     stop = {"flag": False}
 

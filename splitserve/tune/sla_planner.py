@@ -164,33 +164,46 @@ def _needed(demand: float, capacity: float, lo: int, hi: int) -> int:
     return min(hi, max(lo, math.ceil(demand / capacity - 1e-9)))
 
 
+@dataclass(frozen=True)
+class RoleDecision:
+    num_replicas: int
+    reason: str  # "" when holding
+    capacity: float  # per replica: requests/s (prefill) or output tokens/s (decode), from the profile
+
+
+def plan_role(role: str, history: list[Observation], profile: Profiles, cfg: PlannerConfig) -> RoleDecision:
+    """Desired replicas of one role ("prefill" or "decode") for the next interval, and why (pure)."""
+    load = predict_load(history, cfg)
+    now = history[-1]
+    if role == "prefill":
+        capacity = prefill_capacity(profile, load.mean_prompt_tokens, cfg.ttft_slo_s)
+        demand, current, lo, hi = load.request_rate, now.num_prefill, cfg.min_prefill, cfg.max_prefill
+        observed, slo, unit = now.ttft_p90_s, cfg.ttft_slo_s, "req/s"
+    else:
+        capacity = decode_capacity(profile, load.mean_prompt_tokens, load.mean_output_tokens, cfg.itl_slo_s)
+        demand, current, lo, hi = load.request_rate * load.mean_output_tokens, now.num_decode, cfg.min_decode, cfg.max_decode
+        observed, slo, unit = now.itl_p90_s, cfg.itl_slo_s, "tok/s"
+    want = _needed(demand, capacity, lo, hi)
+    reasons = []
+    if capacity <= 0 and demand > 0:
+        reasons.append(f"{role}: the SLO ({slo:g} s) is below one request's latency on the profile: at most replicas")
+    if want < current:  # scale down only with headroom, so the split does not flap at a boundary
+        held = _needed(demand * (1 + cfg.scale_down_headroom), capacity, lo, hi)
+        if held >= current or (observed is not None and observed > slo):
+            want = current
+    if observed is not None and observed > 1.1 * slo and want <= current < hi:
+        reasons.append(f"{role}: observed p90 {observed:.3g} s over the {slo:g} s SLO, one more than the profile asks")
+        want = current + 1
+    elif want != current:
+        reasons.append(f"{role}: {demand:.3g} {unit} needs {want} at {capacity:.3g} {unit} per replica (was {current})")
+    return RoleDecision(want, "; ".join(reasons), capacity)
+
+
 def plan(history: list[Observation], profile: Profiles, cfg: PlannerConfig) -> Decision:
     """Desired replicas per role for the next interval, and why."""
     load = predict_load(history, cfg)
     if not history:
         return Decision(cfg.min_prefill, cfg.min_decode, "no observations yet: minimum replicas", load)
-    now = history[-1]
-    p_cap = prefill_capacity(profile, load.mean_prompt_tokens, cfg.ttft_slo_s)
-    d_cap = decode_capacity(profile, load.mean_prompt_tokens, load.mean_output_tokens, cfg.itl_slo_s)
-    reasons = []
-
-    def size(role: str, demand: float, capacity: float, current: int, lo: int, hi: int, observed: float | None, slo: float) -> int:
-        want = _needed(demand, capacity, lo, hi)
-        unit = "req/s" if role == "prefill" else "tok/s"
-        if capacity <= 0 and demand > 0:
-            reasons.append(f"{role}: the SLO ({slo:g} s) is below one request's latency on the profile: at most replicas")
-        if want < current:  # scale down only with headroom, so the split does not flap at a boundary
-            held = _needed(demand * (1 + cfg.scale_down_headroom), capacity, lo, hi)
-            if held >= current or (observed is not None and observed > slo):
-                want = current
-        if observed is not None and observed > 1.1 * slo and want <= current < hi:
-            reasons.append(f"{role}: observed p90 {observed:.3g} s over the {slo:g} s SLO, one more than the profile asks")
-            want = current + 1
-        elif want != current:
-            reasons.append(f"{role}: {demand:.3g} {unit} needs {want} at {capacity:.3g} {unit} per replica (was {current})")
-        return want
-
-    num_p = size("prefill", load.request_rate, p_cap, now.num_prefill, cfg.min_prefill, cfg.max_prefill, now.ttft_p90_s, cfg.ttft_slo_s)
-    num_d = size("decode", load.request_rate * load.mean_output_tokens, d_cap, now.num_decode, cfg.min_decode, cfg.max_decode,
-                 now.itl_p90_s, cfg.itl_slo_s)
-    return Decision(num_p, num_d, "; ".join(reasons) or "hold: the current split meets the predicted load", load, p_cap, d_cap)
+    p, d = plan_role("prefill", history, profile, cfg), plan_role("decode", history, profile, cfg)
+    reason = "; ".join(r for r in (p.reason, d.reason) if r) or "hold: the current split meets the predicted load"
+    return Decision(p.num_replicas, d.num_replicas, reason, load, p.capacity, d.capacity)

@@ -51,14 +51,15 @@ class LiveServer:
         from splitserve.config import ServeConfig
         from splitserve.decode.worker import DecodeWorker
         from splitserve.ingress import IngressCore, build_http_app
+        from splitserve.scheduler.directory import LocalDirectory
         from tests.fakes import LocalHandle
 
         core = None
         try:
-            self.worker = DecodeWorker("worker-0", {"model": self.model, "dtype": "float32", "num_kv_blocks": 512}, role="both")
+            self.worker = DecodeWorker({"model": self.model, "dtype": "float32", "num_kv_blocks": 512}, worker_id="worker-0", role="both")
             cfg = ServeConfig(mode="aggregated", num_prefill=0, num_decode=1, engine={"model": self.model},
                               http={"served_model_name": SERVED_NAME, "api_key": self.api_key})
-            core = IngressCore(cfg, self.model, prefill={}, decode={"worker-0": LocalHandle(self.worker)})
+            core = IngressCore(cfg, self.model, LocalDirectory({"worker-0": LocalHandle(self.worker)}))
             config = uvicorn.Config(build_http_app(core), log_level="warning", lifespan="off", access_log=False)
             self._server = uvicorn.Server(config)
             await self._server.serve(sockets=[self._sock])

@@ -1,5 +1,6 @@
 """The decode worker's own safety nets, each reached on purpose: the KV-wait timeout, the reservation
-reaper, the first-token check, and letting go of a reservation when its stream is cancelled (twice)."""
+reaper, the stream starting from the prefill's token, and letting go of a reservation when its stream is
+cancelled (twice). (The router's own first-token check is in tests/splitserve/test_dispatch.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from splitserve.decode.worker import KVNotArrived
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.worker_messages import GenerateRequest, PrefillRequest, Reservation
 from tests.splitserve.conftest import make_decode, make_prefill, stop_workers, worker_is_idle
 
 pytestmark = pytest.mark.engine
@@ -26,11 +28,11 @@ def pair(aio, tiny_model):
     aio.run(stop_workers([p, d]))
 
 
-def body(req_id: str, **kw) -> dict:
-    return {"req_id": req_id, "prompt_token_ids": PROMPT, "sampling": SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True).to_dict(), **kw}
+def request(req_id: str, prompt: list[int] = PROMPT) -> GenerateRequest:
+    return GenerateRequest(req_id, list(prompt), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
 
 
-async def drain(stream) -> list[dict]:
+async def drain(stream) -> list:
     return [chunk async for chunk in stream]
 
 
@@ -45,12 +47,13 @@ def test_kv_that_never_arrives_times_out_and_frees_the_reservation(aio, pair):
     _, d = pair
 
     async def run():
-        await d.reserve_for("lost", PROMPT)
+        stream = d.serve_prefilled(request("lost"))
+        assert isinstance(await stream.__anext__(), Reservation)
         assert d.engine.num_blocks_in_flight() == 3
         failed = d.num_failed
         t0 = time.monotonic()
         with pytest.raises(KVNotArrived, match="did not arrive within 0.3 s"):
-            await drain(d.generate_prefilled(body("lost")))
+            await drain(stream)
         assert time.monotonic() - t0 < 2.0
         assert d.num_failed == failed + 1
         assert await wait_idle(d, 1.0), "the timed-out request still holds its reservation"
@@ -62,7 +65,7 @@ def test_reaper_frees_a_reservation_nobody_claims(aio, pair):
     _, d = pair
 
     async def run():
-        await d.reserve_for("orphan", PROMPT)  # the caller vanished between reserve and prefill
+        await d.reserve("orphan", len(PROMPT))  # reserved, and then nobody came
         assert "orphan" in d._reserved_at
         assert await wait_idle(d, 3.0), "the reaper never freed the unclaimed reservation"
         assert d.engine.pool.num_free_blocks == d.engine.pool.num_blocks
@@ -70,23 +73,16 @@ def test_reaper_frees_a_reservation_nobody_claims(aio, pair):
     aio.run(run())
 
 
-def test_first_token_that_disagrees_with_the_notification_is_refused(aio, pair):
+def test_the_stream_starts_from_the_token_the_prefill_sampled(aio, pair):
     p, d = pair
 
     async def run():
-        dst = await d.reserve_for("mismatch", PROMPT)
-        result = await p.prefill({**body("mismatch"), "decode_worker_id": "decode-0", "dst_block_ids": dst["block_ids"],
-                                  "dst_num_cached_blocks": dst["num_cached_blocks"]})
-        wrong = (result["first_token"] + 1) % 1000
-        with pytest.raises(RuntimeError, match=f"first token {wrong} from the caller disagrees with the KV notification"):
-            await drain(d.generate_prefilled(body("mismatch", first_token=wrong)))
-        assert await wait_idle(d, 1.0)
-        # the right token is accepted
-        dst = await d.reserve_for("match", PROMPT)
-        result = await p.prefill({**body("match"), "decode_worker_id": "decode-0", "dst_block_ids": dst["block_ids"],
-                                  "dst_num_cached_blocks": dst["num_cached_blocks"]})
-        chunks = await drain(d.generate_prefilled(body("match", first_token=result["first_token"])))
-        assert chunks[0]["new_token_ids"][0] == result["first_token"] and chunks[-1]["finished"]
+        req = request("match")
+        stream = d.serve_prefilled(req)
+        reservation = await stream.__anext__()
+        result = await p.prefill(PrefillRequest(req, "decode-0", reservation))
+        chunks = await drain(stream)
+        assert chunks[0].new_token_ids[0] == result.first_token and chunks[-1].finished
         assert await wait_idle(d, 1.0) and await wait_idle(p, 1.0)
 
     aio.run(run())
@@ -97,8 +93,9 @@ def test_a_stream_cancelled_twice_while_waiting_for_kv_still_lets_go(aio, tiny_m
     d = make_decode(tiny_model, "decode-cancel", kv_wait_timeout_s=30.0, reservation_ttl_s=300.0)
 
     async def run():
-        await d.reserve_for("gone", PROMPT)
-        task = asyncio.ensure_future(drain(d.generate_prefilled(body("gone"))))
+        stream = d.serve_prefilled(request("gone"))
+        assert isinstance(await stream.__anext__(), Reservation)
+        task = asyncio.ensure_future(drain(stream))
         await asyncio.sleep(0.05)
         task.cancel()
         await asyncio.sleep(0)
@@ -117,9 +114,9 @@ def test_prefix_report_is_capped_by_the_option(aio, tiny_model):
     d = make_decode(tiny_model, "decode-capped", prefix_report_max_blocks=2)
 
     async def run():
-        await drain(d.generate({"req_id": "warm", "prompt_token_ids": list(range(5, 85)), "sampling": body("x")["sampling"]}))
-        report = await d.load(-1)
-        assert len(report["prefix_hashes"]) == 2  # 5 full blocks cached, 2 reported
+        await drain(d.generate(request("warm", list(range(5, 85)))))
+        _, hashes = await d.prefix_summary(-1)
+        assert len(hashes) == 2  # 5 full blocks cached, 2 reported
 
     try:
         aio.run(run())

@@ -133,15 +133,21 @@ def _built_deployments(app_cfg: dict) -> dict[str, dict]:
     from splitserve.app import app_builder
 
     built = build_app(app_builder(app_cfg["args"]), name=app_cfg["name"])
-    options = {d.name: dict(d.ray_actor_options or {}) for d in built.deployments}
+    options = {d.name: {**dict(d.ray_actor_options or {}), "num_replicas": _max_replicas(d)} for d in built.deployments}
     for override in app_cfg.get("deployments", []):
         assert override["name"] in options, f"the config overrides {override['name']!r}, which the app does not have"
         if "ray_actor_options" in override:
-            options[override["name"]] = dict(override["ray_actor_options"])
+            options[override["name"]] = {**dict(override["ray_actor_options"]), "num_replicas": options[override["name"]]["num_replicas"]}
     return options
 
 
+def _max_replicas(deployment) -> int:
+    autoscaling = deployment._deployment_config.autoscaling_config
+    return autoscaling.max_replicas if autoscaling is not None else deployment.num_replicas
+
+
 def _demand(opts: dict) -> dict[str, float]:
+    """What one replica asks for."""
     demand = {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0), **opts.get("resources", {})}
     return {k: v for k, v in demand.items() if v}
 
@@ -151,6 +157,7 @@ def test_cluster_serve_config_places_each_role_on_its_node_type(cluster):
     types = cluster["available_node_types"]
     deployments = _built_deployments(data["applications"][0])
     total: dict[str, dict[str, float]] = {}
+    assert set(deployments) == {"Ingress", "prefill", "decode"}  # one deployment per role, N replicas each
     for name, opts in deployments.items():
         role = name.split("-")[0]
         demand = _demand(opts)
@@ -158,8 +165,8 @@ def test_cluster_serve_config_places_each_role_on_its_node_type(cluster):
         assert fits == {EXPECTED_NODE_TYPE[role]}, f"{name} asks for {demand}: fits on {fits or 'no node type'}"
         for k, v in demand.items():
             total.setdefault(EXPECTED_NODE_TYPE[role], {}).setdefault(k, 0)
-            total[EXPECTED_NODE_TYPE[role]][k] += v
-    assert sum(name.startswith("prefill-") for name in deployments) == data["applications"][0]["args"]["num_prefill"]
+            total[EXPECTED_NODE_TYPE[role]][k] += v * opts["num_replicas"]
+    assert deployments["prefill"]["num_replicas"] == data["applications"][0]["args"]["num_prefill"]
     # every worker fits on the nodes the autoscaler may launch
     for node_type, demand in total.items():
         spec = types[node_type]

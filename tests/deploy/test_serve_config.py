@@ -64,7 +64,7 @@ def test_serve_deploy_example_config(ray_head: RayHead, tiny_model: str, tmp_pat
         apps = serve_applications(ray_head)
         assert apps["splitserve"]["status"] == "RUNNING", json.dumps(apps, indent=1)[:3000]
         deployments = apps["splitserve"]["deployments"]
-        assert set(deployments) == {"Ingress", "prefill-0", "decode-0"}
+        assert set(deployments) == {"Ingress", "prefill", "decode"}
         assert all(d["status"] == "HEALTHY" for d in deployments.values()), deployments
         status = ray_head.cli("serve", "status", "--address", ray_head.dashboard_url, check=True, timeout=60)
         assert "RUNNING" in status.stdout

@@ -19,14 +19,16 @@ from tests.e2e.conftest import wait_all_blocks_free, wait_healthy
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _replica_actor(app: str, deployment: str):
+def _replica_actor(app: str, worker_id: str):
+    """The Serve replica actor of a worker (``prefill-<replica id>``)."""
     import ray
 
+    deployment, _, replica = worker_id.partition("-")
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry["name"]
-        if name.startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in name:
+        if name.startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in name and name.endswith(f"#{replica}"):
             return ray.get_actor(name, namespace=entry["namespace"])
-    raise LookupError(f"no replica of {app}/{deployment}")
+    raise LookupError(f"no replica {worker_id} in {app}")
 
 
 def _workers(url: str) -> dict[str, dict]:
@@ -54,7 +56,7 @@ def test_prefill_replica_killed_during_request(apps):
     victim = None
     while victim is None and time.monotonic() - t0 < 10:  # the transfer is held for 4 s: find who is doing it
         now = _workers(url)
-        victim = next((w for w in ("prefill-0", "prefill-1") if now[w]["num_requests"] > before[w]), None)
+        victim = next((w for w, r in now.items() if r["role"] == "prefill" and r["num_requests"] > before.get(w, 0)), None)
         time.sleep(0.1)
     assert victim is not None, "the request never reached a prefill worker"
     ray.kill(_replica_actor("slowxfer", victim), no_restart=False)

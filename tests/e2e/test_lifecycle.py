@@ -68,7 +68,9 @@ def test_decode_replica_killed_mid_stream_resumes_on_the_other(apps, tiny_model)
     url = apps["d12"]
     prompt, max_tokens = [random.Random(12).randrange(5, 4000) for _ in range(60)], 1000
     reference = _reference(tiny_model, prompt, max_tokens)
-    pids = {d: replica_pid("d12", d) for d in ("decode-0", "decode-1")}  # looked up before: the kill must be quick
+    decoders = [w["worker_id"] for w in admin(url)["workers"] if w["role"] == "decode"]
+    assert len(decoders) == 2, decoders
+    pids = {d: replica_pid("d12", d) for d in decoders}  # looked up before: the kill must be quick
     body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}
     before = {w["worker_id"]: w["num_requests"] for w in admin(url)["workers"]}

@@ -26,10 +26,11 @@ import pytest
 from splitserve import LLM, SamplingParams
 from splitserve.config import ServeConfig
 from splitserve.decode.worker import DecodeWorker
-from splitserve.engine.worker_base import EngineWorker
+from splitserve.worker_base import EngineWorker
 from splitserve.ingress import IngressCore, build_http_app
 from splitserve.prefill.worker import PrefillWorker
 from splitserve.router import RoutedRequest
+from splitserve.scheduler.directory import LocalDirectory
 from tests.fakes import LocalHandle
 from tests.helpers import assert_no_leaks
 
@@ -52,10 +53,12 @@ class AioRunner:
         pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
         for t in pending:
             t.cancel()
+        stuck: set = set()
         if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=15.0))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+        assert not stuck, f"tasks that ignored cancellation: {sorted(t.get_name() for t in stuck)}"  # a hang, reported
 
 
 def engine_config(model: str, num_kv_blocks: int = DEFAULT_BLOCKS, **kw: Any) -> dict:
@@ -63,11 +66,11 @@ def engine_config(model: str, num_kv_blocks: int = DEFAULT_BLOCKS, **kw: Any) ->
 
 
 def make_prefill(model: str, worker_id: str, num_kv_blocks: int = DEFAULT_BLOCKS, **options: Any) -> PrefillWorker:
-    return PrefillWorker(worker_id, engine_config(model, num_kv_blocks), options)
+    return PrefillWorker(engine_config(model, num_kv_blocks), options, worker_id=worker_id)
 
 
 def make_decode(model: str, worker_id: str, num_kv_blocks: int = DEFAULT_BLOCKS, role: str = "decode", **options: Any) -> DecodeWorker:
-    return DecodeWorker(worker_id, engine_config(model, num_kv_blocks), options, role=role)
+    return DecodeWorker(engine_config(model, num_kv_blocks), options, worker_id=worker_id, role=role)
 
 
 def worker_is_idle(w: EngineWorker) -> bool:
@@ -124,11 +127,8 @@ class Stack:
         mode = mode or ("disaggregated" if prefill else "aggregated")
         engine = {"model": model, **cfg.pop("engine", {})}
         self.cfg = ServeConfig(mode=mode, num_prefill=max(1, len(prefill)), num_decode=len(decode), engine=engine, **cfg)
-        self.core = IngressCore(
-            self.cfg, model,
-            prefill={wid: self.handles[wid] for wid in self.prefill_workers},
-            decode={wid: self.handles[wid] for wid in self.decode_workers},
-        )
+        self.directory = LocalDirectory(self.handles, poll_interval_s=self.cfg.routing.load_report_interval_s)
+        self.core = IngressCore(self.cfg, model, self.directory)
         self.app = build_http_app(self.core)
 
     @property
@@ -167,13 +167,13 @@ def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
-async def collect(core: IngressCore, prompt: list[int], params: SamplingParams, req_id: str | None = None) -> tuple[list[int], list[dict]]:
+async def collect(core: IngressCore, prompt: list[int], params: SamplingParams, req_id: str | None = None) -> tuple[list[int], list]:
     """Drive ``core.router.stream`` to the end; the generated token ids and the raw chunks."""
     import uuid
 
     rreq = RoutedRequest(req_id or uuid.uuid4().hex, list(prompt), params)
     chunks = [c async for c in core.router.stream(rreq)]
-    return [t for c in chunks for t in c["new_token_ids"]], chunks
+    return [t for c in chunks for t in c.new_token_ids], chunks
 
 
 class Reference:

@@ -14,7 +14,7 @@ from tests.splitserve.conftest import Stack, make_decode, make_prefill, metric_v
 
 pytestmark = pytest.mark.engine
 
-STALE_VIEW = {"load_poll_interval_s": 30.0, "load_max_age_s": 120.0}  # the queue set below stays in the view
+STALE_VIEW = {"load_report_interval_s": 30.0, "load_max_age_s": 120.0}  # the queue set below stays in the view
 
 
 @pytest.fixture(scope="module")

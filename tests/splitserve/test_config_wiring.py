@@ -6,7 +6,7 @@ import pytest
 
 from splitserve.app import worker_options
 from splitserve.config import ServeConfig
-from splitserve.engine.worker_base import WorkerOptions
+from splitserve.worker_base import WorkerOptions
 
 pytestmark = pytest.mark.unit
 

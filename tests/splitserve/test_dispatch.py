@@ -13,6 +13,7 @@ from splitserve.dispatch import Dispatcher, RetryableError, WorkerDied
 from splitserve.metrics import Metrics
 from splitserve.router import RoutedRequest
 from splitserve.scheduler import PairDecision
+from splitserve.scheduler.directory import Member
 from splitserve.scheduler.worker_registry import WorkerRegistry
 from tests.splitserve.conftest import greedy
 
@@ -20,13 +21,20 @@ pytestmark = pytest.mark.unit
 
 
 class HeldCall:
-    """``handle.method.remote(...)`` of a replica that died: Serve holds the call until a replacement is up."""
+    """``handle.method.remote(...)`` of a replica that died: Serve holds the call (or a stream's first item)
+    until a replacement is up."""
 
     def __init__(self, calls: list[str], name: str) -> None:
         self.calls, self.name = calls, name
 
     def remote(self, *args):
         self.calls.append(self.name)
+        return self
+
+    def __await__(self):
+        return asyncio.get_running_loop().create_future().__await__()  # never answered
+
+    def __anext__(self):
         return asyncio.get_running_loop().create_future()  # never answered
 
 
@@ -34,12 +42,31 @@ class DeadReplica:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
+    def options(self, **kwargs) -> "DeadReplica":
+        return self
+
     def __getattr__(self, name: str) -> HeldCall:
         return HeldCall(self.calls, name)
 
 
+class Handles:
+    """A fixed set of workers for the registry: decode role, no NIXL info, no stats."""
+
+    def __init__(self, handles: dict) -> None:
+        self._members = {w: Member(w, "decode", h, b"", None) for w, h in handles.items()}
+
+    def members(self) -> dict:
+        return self._members
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
 def dispatcher(handles: dict) -> tuple[Dispatcher, WorkerRegistry]:
-    registry = WorkerRegistry({}, handles)
+    registry = WorkerRegistry(Handles(handles))
     return Dispatcher(registry, Metrics(), Janitor(timeout_s=1.0), prefill_timeout_s=60, call_timeout_s=30), registry
 
 
@@ -47,6 +74,7 @@ def test_a_reservation_held_for_a_dead_replica_gives_up_when_another_call_finds_
     async def body():
         dead = DeadReplica()
         dispatch, registry = dispatcher({"decode-0": dead})
+        await registry.sync()
         req = RoutedRequest("r1", list(range(5, 40)), greedy(4))
         attempt = dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test"))
         task = asyncio.ensure_future(attempt.__anext__())
@@ -58,7 +86,8 @@ def test_a_reservation_held_for_a_dead_replica_gives_up_when_another_call_finds_
             await task
         assert time.monotonic() - t0 < 1.0 and isinstance(info.value.cause, WorkerDied)
         await asyncio.sleep(0.05)
-        assert dead.calls == ["reserve_for"]  # no release sent to a process that is gone
+        # no abort sent to a process that is gone (the registry may ask it for its stats: they look stale)
+        assert [c for c in dead.calls if c != "record_routing_stats"] == ["serve_prefilled"]
 
     asyncio.run(body())
 
@@ -81,6 +110,7 @@ def test_a_stream_waiting_for_its_first_chunk_from_a_dead_replica_gives_up_too()
 
     async def body():
         dispatch, registry = dispatcher({"decode-0": HeldStream()})
+        await registry.sync()
         req = RoutedRequest("r2", list(range(5, 40)), greedy(4))
         task = asyncio.ensure_future(dispatch.attempt(req, PairDecision(None, "decode-0", "test")).__anext__())
         await asyncio.sleep(0.05)
@@ -88,5 +118,64 @@ def test_a_stream_waiting_for_its_first_chunk_from_a_dead_replica_gives_up_too()
         with pytest.raises(WorkerDied):
             await task
         assert "decode-0" not in registry.healthy_ids()
+
+    asyncio.run(body())
+
+
+def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused():
+    """D's first token must be the one P sampled (both see the same KV): a mismatch is an error, not a wrong answer."""
+    from splitserve.worker_messages import OutputChunk, PrefillResult, Reservation
+
+    class Decode:
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+
+        def options(self, **kwargs) -> "Decode":
+            return self
+
+        @property
+        def serve_prefilled(self):
+            return self
+
+        @property
+        def abort(self):
+            decode = self
+
+            class _Abort:
+                async def remote(self, req_id):
+                    decode.aborted.append(req_id)
+
+            return _Abort()
+
+        def remote(self, req):
+            async def stream():
+                yield Reservation(0, [1, 2, 3])
+                yield OutputChunk(req.req_id, [99], "x", False, None, len(req.prompt_token_ids), 1, 0)
+
+            return stream()
+
+    class Prefill:
+        @property
+        def prefill(self):
+            return self
+
+        async def remote(self, msg):
+            return PrefillResult(msg.req.req_id, 7, 0, 0.1, 100, 0.01)
+
+    class Two(Handles):
+        def __init__(self) -> None:
+            self._members = {"decode-0": Member("decode-0", "decode", Decode(), b"", None),
+                             "prefill-0": Member("prefill-0", "prefill", Prefill(), b"", None)}
+
+    async def body():
+        registry = WorkerRegistry(Two())
+        registry._members = registry.directory.members()  # no pairing calls: the stand-ins have no add_peers
+        dispatch = Dispatcher(registry, Metrics(), Janitor(timeout_s=1.0), prefill_timeout_s=60, call_timeout_s=30)
+        req = RoutedRequest("r3", list(range(5, 40)), greedy(4))
+        with pytest.raises(RuntimeError, match="started from token 99, the prefill sampled 7"):
+            async for _ in dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test")):
+                pass
+        await asyncio.sleep(0.05)
+        assert registry.handle("decode-0").aborted == ["r3"]  # the request is let go on D
 
     asyncio.run(body())

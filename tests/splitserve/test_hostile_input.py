@@ -245,7 +245,7 @@ def _ray_task_error() -> Exception:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_ray_errors_reach_the_client_without_pid_ip_path_or_actor_id(aio, workers, tiny_model, stream):
     D = workers["decode"]
-    original = D.generate_prefilled
+    original = D.serve_prefilled
 
     async def failing(req):
         n = 0
@@ -268,11 +268,11 @@ def test_ray_errors_reach_the_client_without_pid_ip_path_or_actor_id(aio, worker
                 assert secret not in r.text, (secret, r.text)
             assert not LEAKS.search(r.text), r.text
 
-    D.generate_prefilled = failing
+    D.serve_prefilled = failing
     try:
         aio.run(body())
     finally:
-        D.generate_prefilled = original
+        D.serve_prefilled = original
 
 
 def test_unexpected_errors_are_a_generic_500_with_the_request_id(aio, workers, tiny_model, caplog):

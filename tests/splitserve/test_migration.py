@@ -34,8 +34,8 @@ async def stream_and_kill(s: Stack, after_chunks: int, max_tokens: int = MAX_TOK
     rreq = RoutedRequest(uuid.uuid4().hex, PROMPT, greedy(max_tokens))
     ids, text, killed = [], [], []
     async for chunk in s.core.router.stream(rreq):
-        ids += chunk["new_token_ids"]
-        text.append(chunk["new_text"])
+        ids += chunk.new_token_ids
+        text.append(chunk.new_text)
         if len(killed) < kills and len(text) >= after_chunks * (len(killed) + 1):
             busy = [w for wid, w in {**s.decode_workers, **s.prefill_workers}.items()
                     if w.engine.has_unfinished_requests() and wid not in killed]

@@ -84,14 +84,12 @@ def test_cache_summary_is_resent_only_when_the_cache_changed(aio, workers):
     b = workers["b"]
 
     async def body():
-        first = await b.load(-1)
-        assert "prefix_hashes" in first and first["prefix_version"] == b.engine.pool.prefix_version
-        again = await b.load(first["prefix_version"])
-        assert "prefix_hashes" not in again and again["prefix_version"] == first["prefix_version"]
-        assert "prefix_version" not in await b.load()  # callers that do not track prefixes get plain counters
+        version, hashes = await b.prefix_summary(-1)
+        assert version == b.engine.pool.prefix_version == b.stats().prefix_version and hashes
+        assert await b.prefix_summary(version) is None  # unchanged: nothing to send
         await b.reset_prefix_cache()
-        changed = await b.load(first["prefix_version"])
-        assert changed["prefix_hashes"] == [] and changed["prefix_version"] != first["prefix_version"]
+        changed = await b.prefix_summary(version)
+        assert changed[1] == [] and changed[0] != version and b.stats().prefix_version == changed[0]
 
     aio.run(body())
 
@@ -118,7 +116,7 @@ def test_decode_worker_reuses_its_cached_prefix_and_receives_only_the_rest(aio, 
             assert got == reference.tokens(second, MAX_TOKENS)
             assert p.transfer_bytes - before == 2 * per_block, "the document's blocks were sent again"
             assert d.engine.pool.num_prefix_hits - hits == 6
-            assert chunks[0]["num_cached_tokens"] == 6 * 16
+            assert chunks[0].num_cached_tokens == 6 * 16
             # a prompt that is exactly the cached blocks still sends its last block (and so its notification)
             before = p.transfer_bytes
             got, _ = await collect(s.core, DOCUMENT, greedy(MAX_TOKENS))

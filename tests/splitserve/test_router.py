@@ -37,7 +37,7 @@ MAX_TOKENS = 16
 _rng = random.Random(99)
 PROMPTS = [[_rng.randrange(5, 4000) for _ in range(n)] for n in (9, 16, 33, 40)]
 # the router re-polls loads this rarely: the view it routes on stays as it was at start-up
-STALE_VIEW = {"routing": {"load_poll_interval_s": 30.0, "load_max_age_s": 120.0}}
+STALE_VIEW = {"routing": {"load_report_interval_s": 30.0, "load_max_age_s": 120.0}}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ async def expect_reference(core, reference, prompts=PROMPTS, max_tokens=MAX_TOKE
     for prompt in prompts:
         got, chunks = await collect(core, prompt, greedy(max_tokens))
         assert got == reference.tokens(prompt, max_tokens), prompt
-        assert chunks[-1]["finished"] and chunks[-1]["finish_reason"] == "length"
+        assert chunks[-1].finished and chunks[-1].finish_reason == "length"
 
 
 # ---- transfers that fail or time out -------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(aio, shared, tiny_
             rreq = RoutedRequest(uuid.uuid4().hex, PROMPTS[3], greedy(2000))
             agen = s.core.router.stream(rreq)
             chunks = [await agen.__anext__(), await agen.__anext__()]
-            assert all(c["new_token_ids"] and not c["finished"] for c in chunks)
+            assert all(c.new_token_ids and not c.finished for c in chunks)
             assert d.engine.has_unfinished_requests()
             steps = d.aengine.num_steps
             await agen.aclose()
