@@ -166,7 +166,8 @@ def main() -> None:
 
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # logical CPUs: up to 2 + 2 replicas of one CPU each, on however many cores this machine has
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = 8765
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results = {}

@@ -125,8 +125,9 @@ class LocalDirectory:
             if name not in self._metadata:
                 self._metadata[name] = await asyncio.wait_for(_result(handle.record_replica_metadata.remote()), self.call_timeout_s)
             self._stats[name] = await asyncio.wait_for(_result(handle.record_routing_stats.remote()), self.call_timeout_s)
-        except Exception:  # a dead worker: it stops reporting, and the registry sees its stats age
-            pass
+        except Exception:  # a dead worker leaves the membership, as Serve drops a dead replica; back when it answers
+            self._metadata.pop(name, None)
+            self._stats.pop(name, None)
 
     def members(self) -> dict[str, Member]:
         return {

@@ -73,8 +73,11 @@ class RoutingConfig(BaseModel):
     prefix_aware: bool = Field(True, description="route a prompt to the worker whose prefix cache holds most of it (workers report cache summaries)")
     max_prefill_queue_tokens: int | None = Field(None, ge=1, description="above this, prefill locally instead of queueing")
     max_attempts: int = Field(3, ge=1, description="tries per request across workers before failing it")
-    load_report_interval_s: float = Field(0.25, gt=0, description="how often each worker publishes its load (Serve's routing-stats period)")
-    load_max_age_s: float = Field(5.0, gt=0, description="a worker whose load report is older is treated as unhealthy")
+    load_report_interval_s: float = Field(0.5, gt=0, description="how often each worker publishes its load (Serve's routing-stats period)")
+    load_max_age_s: float = Field(
+        15.0, gt=0, description="a worker whose load report is older is treated as unhealthy (a dead one is noticed sooner: by "
+        "the call that fails on it, and by Serve removing it)",
+    )
     prefill_timeout_s: float = Field(120.0, gt=0, description="queueing + prefill + transfer of one request")
     request_timeout_s: float = Field(600.0, gt=0, description="a whole request, end to end")
     migration_limit: int = Field(3, ge=0, description="times one stream may move to another worker after its decode worker died (0: never)")

@@ -68,7 +68,8 @@ class IngressCore:
         self.metrics = Metrics(max_tenants=cfg.http.max_metric_tenants)
         self.prep = PromptBuilder(self.tokenizer, self.vocab_size, cfg.http)
         r = cfg.routing
-        self.registry = WorkerRegistry(directory, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware)
+        self.registry = WorkerRegistry(directory, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware,
+                                       refresh_after_s=max(1.0, 4 * r.load_report_interval_s))
         policy = LeastLoadedPolicy(
             local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens,
             degraded_mode=r.degraded_mode,

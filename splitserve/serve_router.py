@@ -36,6 +36,11 @@ class PinnedReplicaRouter(RequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         target = pending_request.metadata.session_id if pending_request is not None else None
+        if pending_request is not None:
+            # If Serve cannot take the replica we return (full, or its queue-length probe is late), it asks again;
+            # without this flag it asks again at once, and this coroutine never awaits: the loop would spin and
+            # starve the ingress's event loop (seen: 180,000 asks in a few seconds).
+            pending_request.routing_context.should_backoff = True
         if not target:
             return [candidate_replicas]
         for replica in candidate_replicas:
