@@ -9,8 +9,9 @@ same requests (same lengths, same arrival times, same prompt tokens), and is
 deleted:
 
 * ``fixed``: 1 prefill + 1 decode replica;
-* ``planner``: prefill 1..2 and decode 1..2 replicas under the SLA planner, with
-  the profile ``splitserve tune --profile-only`` measured on this machine.
+* ``planner``: prefill 1..``--max-prefill`` and decode 1..``--max-decode`` replicas
+  under the SLA planner, with the profile ``splitserve tune --profile-only``
+  measured on this machine (``--profile`` to reuse one).
 
 Per phase it prints goodput (requests/s meeting both SLOs) and SLO attainment;
 the replicas per role over time go to ``OUT/replicas.png`` and everything to
@@ -55,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--itl-slo", type=float, default=0.15)
     ap.add_argument("--interval-s", type=float, default=5.0, help="the planner's decision interval")
     ap.add_argument("--systems", default="fixed,planner")
+    ap.add_argument("--max-prefill", type=int, default=2, help="the planner's prefill range is 1..this")
+    ap.add_argument("--max-decode", type=int, default=1, help="the planner's decode range is 1..this (1: decode fixed)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
 
@@ -81,7 +84,8 @@ def app_config(system: str, args: argparse.Namespace, model: str | None, profile
         "prefill_resources": {"num_cpus": 1}, "decode_resources": {"num_cpus": 1},
     }
     if system == "planner":
-        cfg.update(num_prefill={"min": 1, "max": 2}, num_decode={"min": 1, "max": 2}, planner={
+        ranged = lambda hi: {"min": 1, "max": hi} if hi > 1 else 1  # noqa: E731
+        cfg.update(num_prefill=ranged(args.max_prefill), num_decode=ranged(args.max_decode), planner={
             "ttft_slo_s": args.ttft_slo, "itl_slo_s": args.itl_slo, "profile": str(profile), "interval_s": args.interval_s,
             "predictor": "constant"})
     return cfg
