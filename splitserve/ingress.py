@@ -47,6 +47,7 @@ from splitserve.router import RequestFailed, RoutedRequest, Router
 from splitserve.worker_messages import OutputChunk
 from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PromptTooLarge
 from splitserve.scheduler.directory import Directory
+from splitserve.scheduler.spread import SpreadTracker
 from splitserve.scheduler.worker_registry import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class IngressCore:
         r = cfg.routing
         self.registry = WorkerRegistry(directory, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware,
                                        refresh_after_s=max(1.0, 4 * r.load_report_interval_s))
+        self.spread = SpreadTracker()
         policy = LeastLoadedPolicy(
             local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens,
             degraded_mode=r.degraded_mode,
@@ -194,6 +196,12 @@ def _ended_early(finish: str | None, req_id: str) -> APIError:
     return APIError(500, f"{reason} (request id {req_id})", "InternalServerError")
 
 
+def _spread_summary(core: "IngressCore") -> dict:
+    reports = list(core.registry.reports.values())
+    core.spread.observe(time.monotonic(), reports)
+    return core.spread.summary(reports)
+
+
 def build_http_app(core: IngressCore) -> FastAPI:
     cfg = core.cfg.http
     app = FastAPI(title="splitserve", version="0.1.0")
@@ -279,16 +287,22 @@ def build_http_app(core: IngressCore) -> FastAPI:
         core.metrics.update_workers(list(core.registry.reports.values()), core.registry.healthy_ids())
         core.metrics.degraded.set(core.router.serving_state().status == "degraded")
         core.metrics.update_planner(read_decisions(core.cfg.app_name))
+        core.metrics.update_spread(_spread_summary(core))
         return Response(core.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/workers")
     async def workers() -> dict:
         healthy = core.registry.healthy_ids()
         registry = core.registry
-        workers = [{**rep, **registry.info(wid), "healthy": wid in healthy} for wid, rep in sorted(registry.reports.items())]
+        spread = _spread_summary(core)
+        workers = [
+            {**rep, **registry.info(wid), "healthy": wid in healthy, "share": spread.get(rep["role"], {}).get("share", {}).get(wid)}
+            for wid, rep in sorted(registry.reports.items())
+        ]
         planner = read_decisions(core.cfg.app_name)
         # + serving state, fallbacks, migrations, cleanups; the planner's last decision per role when it runs
-        return {"workers": workers, **core.router.summary(), **({"planner": planner} if planner else {})}
+        imbalance = {role: v["imbalance"] for role, v in spread.items()}  # max/mean per role; 1.0 is even
+        return {"workers": workers, "imbalance": imbalance, **core.router.summary(), **({"planner": planner} if planner else {})}
 
     return app
 

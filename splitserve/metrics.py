@@ -66,6 +66,10 @@ class Metrics:
             "splitserve_planner_decisions", "SLA planner decisions seen by this ingress, by role and action (up, down, hold)",
             ["role", "action"], registry=r,
         )
+        self.imbalance = Gauge(
+            "splitserve_worker_imbalance", "max/mean over a role's workers of in-flight requests, or of requests started in "
+            "the last 60 s (1 = even)", ["role", "measure"], registry=r,
+        )
         self._worker_labels: set[tuple[str, str]] = set()
         self._planner_seen: dict[str, float] = {}
 
@@ -103,6 +107,12 @@ class Metrics:
             self.kv_blocks_total.labels(w).set(rep["num_total_blocks"])
             self.worker_requests.labels(role, w).set(rep["num_requests"])
             self.worker_healthy.labels(role, w).set(1.0 if w in healthy else 0.0)
+
+    def update_spread(self, summary: dict[str, dict[str, Any]]) -> None:
+        """Per-role imbalance from ``scheduler.spread.SpreadTracker.summary``."""
+        for role, v in summary.items():
+            for measure, value in v["imbalance"].items():
+                self.imbalance.labels(role, measure).set(value)
 
     def update_planner(self, decisions: dict[str, dict[str, Any]]) -> None:
         """The SLA planner's last decision per role (``planner_policy.read_decisions``); each new one counted once."""

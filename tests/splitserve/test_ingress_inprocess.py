@@ -412,8 +412,11 @@ def test_metrics_and_admin_workers_after_requests(aio, workers, tiny_model):
                 assert w["healthy"] is True
                 assert w["num_free_blocks"] == w["num_total_blocks"] == 256, w
                 assert w["num_blocks_in_flight"] == 0 and w["num_running"] == 0 and w["num_waiting"] == 0, w
+                assert w["share"] == {"in_flight": 1.0, "requests": 1.0}, w  # the only worker of its role
+            assert admin["imbalance"] == {"prefill": {"in_flight": 1.0, "requests": 1.0}, "decode": {"in_flight": 1.0, "requests": 1.0}}
 
             text = (await c.get("/metrics")).text
+            assert metric_value(text, "splitserve_worker_imbalance", role="decode", measure="requests") == 1.0
             for name in ("splitserve_time_to_first_token_seconds", "splitserve_inter_token_latency_seconds",
                          "splitserve_kv_transfer_bytes_total", "splitserve_requests_total", "splitserve_kv_blocks_used",
                          "splitserve_queue_depth"):
