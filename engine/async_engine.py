@@ -174,7 +174,7 @@ class AsyncEngine:
         try:
             await self.call(lambda: self.engine.abort_request(req_id))
         except EngineStopped:
-            pass  # nothing runs any more, nothing to free
+            return  # the engine is gone, and its blocks with it: there is nothing left to abort
         except Exception:  # pragma: no cover - abort must never raise into a finally
             logger.exception("abort of %s failed", req_id)
 

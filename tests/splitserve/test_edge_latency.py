@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.splitserve.conftest import Stack, make_decode, make_prefill, stop_workers
-from tests.splitserve.test_ingress_inprocess import PROMPTS, completion_body
+from tests.splitserve.ingress_helpers import PROMPTS, completion_body
 
 pytestmark = pytest.mark.engine
 

@@ -19,7 +19,7 @@ import re
 import pytest
 
 from tests.splitserve.conftest import Stack, make_decode, make_prefill, metric_value, stop_workers
-from tests.splitserve.test_ingress_inprocess import PROMPTS, completion_body, parse_sse
+from tests.splitserve.ingress_helpers import PROMPTS, completion_body, parse_sse
 
 pytestmark = pytest.mark.engine
 
