@@ -67,6 +67,7 @@ class LLMEngine:
         self._held: dict[str, list[int]] = {}  # finished keep_kv requests -> blocks awaiting transfer
         self._reserved: dict[str, list[int]] = {}  # decode side: blocks waiting for incoming KV
         self._reserved_cached: dict[str, int] = {}  # decode side: leading reserved blocks reused from the prefix cache
+        self.busy_s = 0.0  # time spent in steps (forward, sampling, bookkeeping), all of it charged to sequences
 
     # ---- requests -------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -269,13 +270,14 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         logits = self.runner.execute(sched)
-        return self._process(sched, logits)
+        return self._process(sched, logits, start)
 
-    def _process(self, sched: SchedulerOutput, logits: torch.Tensor) -> list[RequestOutput]:
+    def _process(self, sched: SchedulerOutput, logits: torch.Tensor, start: float) -> list[RequestOutput]:
         now = time.monotonic()
         sampling = [c for c in sched.chunks if c.samples]
         tokens = sample_rows(logits, [c.seq.params for c in sampling], [c.seq.generator for c in sampling], self.generator)
@@ -283,6 +285,7 @@ class LLMEngine:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = now
             self.scheduler.advance(chunk)
+        self._charge(sched, time.perf_counter() - start)
         outputs = []
         for chunk, token in zip(sampling, tokens):
             if isinstance(token, SampleFailed):
@@ -293,6 +296,13 @@ class LLMEngine:
             except Exception as e:  # detokenizer or stop check: this sequence only
                 outputs.append(self._fail(chunk.seq, e, now))
         return outputs
+
+    def _charge(self, sched: SchedulerOutput, elapsed_s: float) -> None:
+        """Split a step's time over its sequences by the tokens each computed in it (a decode step: evenly)."""
+        self.busy_s += elapsed_s
+        per_token = elapsed_s / max(1, sched.num_tokens)
+        for chunk in sched.chunks:
+            chunk.seq.compute_s += per_token * chunk.num_new_tokens
 
     def _fail(self, seq: Sequence, error: BaseException, now: float) -> RequestOutput:
         """End ``seq`` with finish reason "error" and free its blocks; the rest of the batch is untouched.
@@ -310,7 +320,9 @@ class LLMEngine:
         return RequestOutput(
             req_id=seq.req_id, prompt=None, prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             outputs=[CompletionOutput(0, "", [], SequenceStatus.FINISHED_ERROR.value)], finished=True,
-            metrics=RequestMetrics(arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time, finished_time=now),
+            metrics=RequestMetrics(
+                arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time, finished_time=now, compute_s=seq.compute_s,
+            ),
         )
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> RequestOutput:
@@ -362,6 +374,7 @@ class LLMEngine:
             finished_time=seq.finished_time,
             num_cached_tokens=seq.num_cached_tokens,
             num_preemptions=seq.num_preemptions,
+            compute_s=seq.compute_s,
         )
         return RequestOutput(
             req_id=seq.req_id,

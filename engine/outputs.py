@@ -14,6 +14,7 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    compute_s: float = 0.0  # engine time charged to this request so far (its token share of each step it was in)
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -51,6 +51,7 @@ class Sequence:
     finished_time: float | None = None
     stop_reason: int | str | None = None
     keep_kv: bool = False  # on finish, hold the blocks for a KV transfer instead of freeing them
+    compute_s: float = 0.0  # this sequence's share of the engine steps it was in (``LLMEngine.busy_s`` summed)
 
     @property
     def num_tokens(self) -> int:

@@ -79,4 +79,6 @@ class PrefillWorker(EngineWorker):
             raise
         finally:
             await self.aengine.call(lambda: self.engine.release_kv(req_id))
-        return PrefillResult(req_id, first_token, final.metrics.num_cached_tokens, prefill_s, handle.num_bytes, transfer_s)
+        return PrefillResult(
+            req_id, first_token, final.metrics.num_cached_tokens, prefill_s, handle.num_bytes, transfer_s, final.metrics.compute_s,
+        )

@@ -93,6 +93,11 @@ class WorkerRegistry:
     def handle(self, worker_id: str) -> Any:
         return self._members[worker_id].handle
 
+    def role(self, worker_id: str) -> str:
+        """A worker's role ("prefill", "decode", "both"); "unknown" once it left."""
+        member = self._members.get(worker_id)
+        return member.role if member is not None else "unknown"
+
     def info(self, worker_id: str) -> dict[str, Any]:
         """A worker's static facts (Ray node, cold-start phases); {} for one not (or no longer) known."""
         member = self._members.get(worker_id)

@@ -159,6 +159,9 @@ class ServeConfig(BaseModel):
     prefill_resources: WorkerResources = Field(default_factory=WorkerResources)
     decode_resources: WorkerResources = Field(default_factory=WorkerResources)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    price_per_accelerator_hour: float | None = Field(
+        None, ge=0, description="turns compute-seconds per tenant into splitserve_compute_cost_total (a worker replica = one accelerator)",
+    )
     transfer_timeout_s: float = Field(30.0, gt=0, description="one KV transfer")
     kv_wait_timeout_s: float = Field(60.0, gt=0, description="decode side: how long a request waits for its KV once prefilled")
     reservation_ttl_s: float | None = Field(

@@ -97,10 +97,15 @@ class Dispatcher:
                 method = "generate"
             else:
                 method = "serve_prefilled"
-        on_first = None if method != "serve_prefilled" else (lambda r: self._prefill(p_id, d_id, msg, r))
-        async with contextlib.aclosing(self._remote_stream(d, method, msg, req_id, d_id, on_first)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        on_first = None if method != "serve_prefilled" else (lambda r: self._prefill(p_id, d_id, msg, r, req.tenant))
+        compute_s = 0.0
+        try:
+            async with contextlib.aclosing(self._remote_stream(d, method, msg, req_id, d_id, on_first)) as chunks:
+                async for chunk in chunks:
+                    compute_s = chunk.compute_s
+                    yield chunk
+        finally:  # a stream that ended early is charged what its worker reported so far
+            self.metrics.charge_compute(req.tenant, self.registry.role(d_id), compute_s)
 
     async def _unless_dead(self, worker_id: str, call: Any, timeout_s: float | None) -> Any:
         """Await ``call`` for at most ``timeout_s``, and no longer once another call found ``worker_id`` dead
@@ -119,7 +124,7 @@ class Dispatcher:
             raise WorkerDied(f"{worker_id} died while this call waited for it")
         raise asyncio.TimeoutError()
 
-    async def _prefill(self, p_id: str, d_id: str, req: GenerateRequest, reservation: Reservation) -> int:
+    async def _prefill(self, p_id: str, d_id: str, req: GenerateRequest, reservation: Reservation, tenant: str | None) -> int:
         """Have P prefill ``req`` into D's reserved blocks; returns the first token (``RetryableError`` on failure)."""
         self.metrics.routed.labels(d_id, "decode").inc()
         self.metrics.routed.labels(p_id, "prefill").inc()
@@ -133,6 +138,7 @@ class Dispatcher:
                 raise
             self.note_failure(p_id, e)
             raise RetryableError("prefill_failed", p_id, e, self.prefill_timeout_s) from e
+        self.metrics.charge_compute(tenant, "prefill", result.compute_s)
         self.metrics.transfer_bytes.inc(result.transfer_bytes)
         self.metrics.transfer_seconds.observe(result.transfer_s)
         if result.num_cached_tokens:

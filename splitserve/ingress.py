@@ -66,7 +66,7 @@ class IngressCore:
         self.tokenizer = load_tokenizer(model_path)
         self.served_name = cfg.http.served_model_name or _default_name(cfg, model_path)
         self.model_names = list(dict.fromkeys([self.served_name, model_path, cfg.engine.model or model_path, *_aliases(cfg)]))
-        self.metrics = Metrics(max_tenants=cfg.http.max_metric_tenants)
+        self.metrics = Metrics(max_tenants=cfg.http.max_metric_tenants, price_per_accelerator_hour=cfg.price_per_accelerator_hour)
         self.prep = PromptBuilder(self.tokenizer, self.vocab_size, cfg.http)
         r = cfg.routing
         self.registry = WorkerRegistry(directory, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware,

@@ -30,8 +30,9 @@ _TENANT_RE = re.compile(TENANT_PATTERN)
 
 
 class Metrics:
-    def __init__(self, max_tenants: int = 100) -> None:
+    def __init__(self, max_tenants: int = 100, price_per_accelerator_hour: float | None = None) -> None:
         self.max_tenants = max_tenants
+        self.price_per_accelerator_hour = price_per_accelerator_hour
         self._tenants: set[str] = set()
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram("splitserve_time_to_first_token_seconds", "Time to first token", ["mode"], buckets=LATENCY_BUCKETS, registry=r)
@@ -70,6 +71,22 @@ class Metrics:
             "splitserve_worker_imbalance", "max/mean over a role's workers of in-flight requests, or of requests started in "
             "the last 60 s (1 = even)", ["role", "measure"], registry=r,
         )
+        self.compute_seconds = Counter(
+            "splitserve_compute_seconds", "Worker engine time charged to each tenant's requests (a prefill's steps; its share "
+            "of every batched step)", ["tenant", "role"], registry=r,
+        )
+        self.compute_cost = Counter(
+            "splitserve_compute_cost", "compute_seconds priced at http.price_per_accelerator_hour (a worker replica counts as one "
+            "accelerator)", ["tenant", "role"], registry=r,
+        )
+        self.busy_seconds = Gauge(
+            "splitserve_worker_busy_seconds", "Engine step time since the worker started (grows like a counter)", ["role", "worker"],
+            registry=r,
+        )
+        self.busy_fraction = Gauge("splitserve_worker_busy_fraction", "Engine step time over wall time, recent window", ["role", "worker"], registry=r)
+        self.accelerator_memory = Gauge(
+            "splitserve_worker_accelerator_memory_bytes", "GPU memory allocated by the worker (0 on CPU)", ["role", "worker"], registry=r,
+        )
         self._worker_labels: set[tuple[str, str]] = set()
         self._planner_seen: dict[str, float] = {}
 
@@ -88,11 +105,20 @@ class Metrics:
         self._tenants.add(tenant)
         return tenant
 
+    def charge_compute(self, tenant: str | None, role: str, seconds: float) -> None:
+        """Add a request's engine time on one worker to its tenant (and its cost, when a price is configured)."""
+        if seconds <= 0:
+            return
+        label = self.tenant_label(tenant)
+        self.compute_seconds.labels(label, role).inc(seconds)
+        if self.price_per_accelerator_hour is not None:
+            self.compute_cost.labels(label, role).inc(seconds * self.price_per_accelerator_hour / 3600)
+
     def update_workers(self, reports: list[dict[str, Any]], healthy: set[str]) -> None:
         """Copy the workers' latest reports into the per-worker gauges; drop the series of workers that left."""
         current = {(rep["role"], rep["worker_id"]) for rep in reports}
         for role, w in self._worker_labels - current:
-            for gauge in (self.queue_depth, self.running, self.worker_requests, self.worker_healthy):
+            for gauge in self._per_worker_role_gauges:
                 gauge.remove(role, w)
             for gauge in (self.kv_blocks_used, self.kv_blocks_total):
                 gauge.remove(w)
@@ -107,6 +133,16 @@ class Metrics:
             self.kv_blocks_total.labels(w).set(rep["num_total_blocks"])
             self.worker_requests.labels(role, w).set(rep["num_requests"])
             self.worker_healthy.labels(role, w).set(1.0 if w in healthy else 0.0)
+            self.busy_seconds.labels(role, w).set(rep.get("busy_s", 0.0))
+            self.busy_fraction.labels(role, w).set(rep.get("busy_fraction", 0.0))
+            self.accelerator_memory.labels(role, w).set(rep.get("accelerator_memory_bytes", 0))
+
+    @property
+    def _per_worker_role_gauges(self) -> tuple[Gauge, ...]:
+        return (
+            self.queue_depth, self.running, self.worker_requests, self.worker_healthy, self.busy_seconds, self.busy_fraction,
+            self.accelerator_memory,
+        )
 
     def update_spread(self, summary: dict[str, dict[str, Any]]) -> None:
         """Per-role imbalance from ``scheduler.spread.SpreadTracker.summary``."""

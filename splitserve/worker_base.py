@@ -39,7 +39,7 @@ from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.transfer import make_transfer_agent
 from splitserve.worker_messages import GenerateRequest, OutputChunk, ResumeRequest, WorkerStats
-from splitserve.worker_metrics import WorkerMeters
+from splitserve.worker_metrics import BusyMeter, WorkerMeters
 
 __all__ = ["EngineWorker", "WorkerBusy", "WorkerOptions", "own_worker_id"]
 
@@ -84,6 +84,15 @@ def startup_phases(init_start: float, engine_ready: float, agent_ready: float) -
     }
 
 
+def accelerator_memory_bytes(device: Any) -> int:
+    """GPU memory this process has allocated on ``device`` (0 on CPU, where the KV pool is ordinary memory)."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return 0
+    import torch
+
+    return int(torch.cuda.memory_allocated(device))
+
+
 def node_id() -> str:
     """The Ray node this process runs on ("" outside Ray)."""
     try:
@@ -112,6 +121,8 @@ class EngineWorker:
         )
         self.startup = startup_phases(t0, t1, time.time())
         self.meters = WorkerMeters(self.options.meter_window_s, started_s=time.monotonic())
+        self.busy = BusyMeter(self.options.meter_window_s)
+        self.busy.sample(time.monotonic(), 0.0)
         self.num_requests = 0
         self.num_failed = 0
         self.num_resumed = 0  # requests taken over from a worker that died mid-stream
@@ -166,7 +177,8 @@ class EngineWorker:
             num_requests=self.num_requests, num_failed=self.num_failed, num_resumed=self.num_resumed,
             transfer_bytes=self.transfer_bytes, transfer_seconds=self.transfer_seconds, prefix_hits=pool.num_prefix_hits,
             prefix_queries=pool.num_prefix_queries, prefix_version=pool.prefix_version if pool.enable_prefix_caching else -1,
-            seq=self._seq, time=time.time(),
+            busy_s=e.busy_s, busy_fraction=self.busy.sample(time.monotonic(), e.busy_s),
+            accelerator_memory_bytes=accelerator_memory_bytes(e.runner.device), seq=self._seq, time=time.time(),
         )
 
     async def prefix_summary(self, known_version: int = -1) -> tuple[int, list[int]] | None:

@@ -56,6 +56,7 @@ class PrefillResult:
     prefill_s: float
     transfer_bytes: int
     transfer_s: float
+    compute_s: float = 0.0  # engine time charged to this prefill (its share of the steps it was in)
 
 
 @dataclass(slots=True)
@@ -70,12 +71,13 @@ class OutputChunk:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    compute_s: float = 0.0  # engine time charged to the request on this worker so far (cumulative)
 
     @classmethod
     def of(cls, out: RequestOutput) -> "OutputChunk":
         return cls(
             out.req_id, out.new_token_ids, out.new_text, out.finished, out.finish_reason, len(out.prompt_token_ids),
-            len(out.token_ids), out.metrics.num_cached_tokens,
+            len(out.token_ids), out.metrics.num_cached_tokens, out.metrics.compute_s,
         )
 
 
@@ -124,6 +126,9 @@ class WorkerStats:
     prefix_hits: int = 0
     prefix_queries: int = 0
     prefix_version: int = -1
+    busy_s: float = 0.0  # engine step time since start (every second of it charged to some request)
+    busy_fraction: float = 0.0  # busy time over wall time in the last ``meter_window_s``
+    accelerator_memory_bytes: int = 0  # GPU memory allocated by this worker (0 on CPU)
     seq: int = 0
     time: float = 0.0
 

@@ -61,3 +61,22 @@ class WorkerMeters:
             "ttft_p90_s": _p90([v for _, v in self._ttfts]),
             "itl_p90_s": _p90([v for _, v in self._gaps]),
         }
+
+
+class BusyMeter:
+    """The fraction of wall time an engine spent in steps over the last ``window_s``, from samples of its
+    cumulative busy seconds (taken whenever the worker reports; at least one sample older than the window is kept
+    so the fraction spans the whole window once the worker is that old)."""
+
+    def __init__(self, window_s: float = WINDOW_S) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, float]] = deque()  # (time, cumulative busy seconds)
+
+    def sample(self, now: float, busy_s: float) -> float:
+        self._samples.append((now, busy_s))
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window_s:
+            self._samples.popleft()
+        t0, b0 = self._samples[0]
+        if now <= t0:
+            return 0.0
+        return min(1.0, max(0.0, (busy_s - b0) / (now - t0)))

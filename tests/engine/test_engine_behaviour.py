@@ -314,6 +314,18 @@ def test_metrics_time_to_first_token_is_positive(llm):
         assert m.num_preemptions == 0
 
 
+def test_every_step_second_is_charged_to_the_sequences_in_it(tiny_model, make_llm):
+    """Prompts of different lengths batched with decodes: per-request compute adds up to the engine's busy time,
+    and a longer prompt (more tokens in the prefill steps) is charged more."""
+    llm = make_llm(tiny_model, max_num_batched_tokens=64)  # chunked: prefills share steps with decodes
+    busy_before = llm.engine.busy_s
+    outs = llm.generate([prompt_ids(150, 1), prompt_ids(4, 2), prompt_ids(40, 3)], greedy(12), use_tqdm=False)
+    charged = [o.metrics.compute_s for o in outs]
+    assert all(c > 0 for c in charged)
+    assert sum(charged) == pytest.approx(llm.engine.busy_s - busy_before, rel=1e-9)
+    assert charged[0] > charged[1]
+
+
 def test_reserve_prompt_reuses_cached_leading_blocks_but_never_the_last(make_llm, tiny_model):
     engine = make_llm(tiny_model, num_kv_blocks=12).engine
     bs = engine.block_size

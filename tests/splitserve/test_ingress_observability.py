@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 
 import pytest
@@ -88,6 +89,46 @@ def test_metrics_and_admin_workers_after_requests(aio, workers, tiny_model):
                 assert metric_value(text, "splitserve_worker_healthy", role=role, worker=wid) == 1
             assert metric_value(text, "splitserve_requests_routed_total", worker="prefill-0", role="prefill") == 3
             assert metric_value(text, "splitserve_requests_routed_total", worker="decode-0", role="decode") == 3
+
+    aio.run(body())
+
+
+# ---- compute time per tenant ------------------------------------------------------------------
+
+COMPUTE_TOLERANCE = 0.01  # relative: charged seconds vs the workers' busy seconds (only float rounding separates them)
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "aggregated"])
+def test_compute_seconds_per_tenant_add_up_to_the_workers_busy_time(aio, workers, tiny_model, mode):
+    """Two tenants with different prompt lengths, concurrent and batched together: each worker's busy time is
+    charged to the tenants' requests in full, and the long-prompt tenant pays more for prefill."""
+    rng = random.Random(7)
+    long_prompts = [[rng.randrange(5, 4000) for _ in range(120)] for _ in range(4)]
+    short_prompts = [[rng.randrange(5, 4000) for _ in range(8)] for _ in range(4)]
+
+    async def body():
+        for w in workers.values():
+            await w.reset_prefix_cache()  # a fully cached prompt would be prefilled on the decode worker
+        async with stack_for(workers, tiny_model, mode, price_per_accelerator_hour=3.6) as s, s.client() as c:
+            busy_before = {w.worker_id: w.engine.busy_s for w in s.workers}
+            bodies = [completion_body(p, tenant="team-long", stream=i % 2 == 0) for i, p in enumerate(long_prompts)]
+            bodies += [completion_body(p, max_tokens=40, tenant="team-short") for p in short_prompts]
+            replies = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+            assert [r.status_code for r in replies] == [200] * len(bodies)
+            text = s.metrics_text()
+            busy = {w.worker_id: w.engine.busy_s - busy_before[w.worker_id] for w in s.workers}
+
+        roles = {w.worker_id: w.role for w in s.workers}
+        for role in set(roles.values()):
+            worker_busy = sum(b for wid, b in busy.items() if roles[wid] == role)
+            charged = {t: metric_value(text, "splitserve_compute_seconds_total", tenant=t, role=role) or 0.0 for t in ("team-long", "team-short")}
+            assert worker_busy > 0 and all(v > 0 for v in charged.values()), (role, charged)
+            assert sum(charged.values()) == pytest.approx(worker_busy, rel=COMPUTE_TOLERANCE), (role, charged, worker_busy)
+            for t, seconds in charged.items():  # 3.6 per accelerator-hour = 0.001 per second
+                assert metric_value(text, "splitserve_compute_cost_total", tenant=t, role=role) == pytest.approx(seconds / 1000)
+        if mode == "disaggregated":
+            prefill = {t: metric_value(text, "splitserve_compute_seconds_total", tenant=t, role="prefill") for t in ("team-long", "team-short")}
+            assert prefill["team-long"] > prefill["team-short"], prefill  # 120-token prompts against 8-token ones
 
     aio.run(body())
 

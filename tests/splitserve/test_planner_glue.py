@@ -22,12 +22,28 @@ from splitserve import planner_policy
 from splitserve.config import PlannerSettings, ReplicaRange, ServeConfig
 from splitserve.planner_policy import RolePlanner, observation, planner_autoscaling, read_decisions
 from splitserve.tune.curves import DecodeProfile, PrefillProfile, Profiles, TransferProfile
-from splitserve.worker_metrics import WorkerMeters
+from splitserve.worker_metrics import BusyMeter, WorkerMeters
 
 pytestmark = pytest.mark.unit
 
 PROFILE = Profiles(PrefillProfile(0.1, 0.0), DecodeProfile(0.02, 0.001, 0.0), TransferProfile(0.0, 1.0)).to_dict()
 TTFT_SLO, ITL_SLO = 0.3, 0.0605
+
+
+# ---- BusyMeter ---------------------------------------------------------------------------------------
+
+
+def test_busy_fraction_spans_the_window_from_cumulative_busy_seconds():
+    m = BusyMeter(window_s=10.0)
+    assert m.sample(0.0, 0.0) == 0.0
+    assert m.sample(2.0, 1.0) == pytest.approx(0.5)  # younger than the window: over its whole age
+    assert m.sample(10.0, 1.0) == pytest.approx(0.1)
+    # from 12 s on, the base is the newest sample at least a window old: the one at 2 s
+    assert m.sample(12.0, 3.0) == pytest.approx(2.0 / 10.0)
+    assert m.sample(13.0, 4.0) == pytest.approx(3.0 / 11.0)
+    assert m.sample(13.0, 4.0) == pytest.approx(3.0 / 11.0)  # a second read at the same instant changes nothing
+    assert m.sample(100.0, 4.0) == pytest.approx(0.0)  # idle since
+    assert BusyMeter(5.0).sample(1.0, 7.0) == 0.0  # a lone sample: no span yet
 
 
 # ---- WorkerMeters ------------------------------------------------------------------------------------
