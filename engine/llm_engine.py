@@ -68,6 +68,7 @@ class LLMEngine:
         self._reserved: dict[str, list[int]] = {}  # decode side: blocks waiting for incoming KV
         self._reserved_cached: dict[str, int] = {}  # decode side: leading reserved blocks reused from the prefix cache
         self.busy_s = 0.0  # time spent in steps (forward, sampling, bookkeeping), all of it charged to sequences
+        self.num_step_tokens = 0  # tokens computed by steps (prompt chunks and decodes)
 
     # ---- requests -------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -300,6 +301,7 @@ class LLMEngine:
     def _charge(self, sched: SchedulerOutput, elapsed_s: float) -> None:
         """Split a step's time over its sequences by the tokens each computed in it (a decode step: evenly)."""
         self.busy_s += elapsed_s
+        self.num_step_tokens += sched.num_tokens
         per_token = elapsed_s / max(1, sched.num_tokens)
         for chunk in sched.chunks:
             chunk.seq.compute_s += per_token * chunk.num_new_tokens

@@ -3,6 +3,8 @@
     splitserve make-model DIR [--size tiny|small]   write a random HF checkpoint (no download)
     splitserve generate --prompt "..." [--model DIR] offline generation with the in-process engine
     splitserve serve [--model DIR] [--mode ...]      the disaggregated OpenAI-compatible server
+    splitserve top [--url URL]                       a refreshing terminal view of a running server
+    splitserve dashboard DIR                         write the Grafana dashboard, alert rules, scrape config
 
 Every sub-command that takes ``--model`` falls back to the default model,
 SmolLM2-135M-Instruct (converted once into ``$SPLITSERVE_CACHE``), when none is given.
@@ -43,6 +45,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    import os
+
+    from splitserve import top
+
+    key = args.api_key or os.environ.get("SPLITSERVE_API_KEY")
+    return top.run(args.url.rstrip("/"), key, args.interval, args.iterations)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from splitserve.config import SLOTargets
+    from splitserve.dashboards import write_all
+
+    for path in write_all(args.dir, SLOTargets(ttft_s=args.slo_ttft_s, tpot_s=args.slo_tpot_s)):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated prefill/decode LLM serving")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
@@ -67,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--deterministic", action="store_true", help="batch-invariant numerics (see README)")
     gen.set_defaults(func=_cmd_generate)
+
+    top = sub.add_parser("top", help="a refreshing terminal view of a running server (/admin/workers and /metrics)")
+    top.add_argument("--url", default="http://127.0.0.1:8000")
+    top.add_argument("--api-key", default=None, help="default: $SPLITSERVE_API_KEY")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, default=None, help="stop after this many refreshes (default: until Ctrl-C)")
+    top.set_defaults(func=_cmd_top)
+
+    dash = sub.add_parser("dashboard", help="write the Grafana dashboard, Prometheus alert rules and a scrape config")
+    dash.add_argument("dir", help="output directory (grafana/ and prometheus/ are made under it)")
+    dash.add_argument("--slo-ttft-s", type=float, default=3.0, help="the SLO named in the attainment alert")
+    dash.add_argument("--slo-tpot-s", type=float, default=0.15)
+    dash.set_defaults(func=_cmd_dashboard)
 
     try:
         from splitserve.serve_cli import add_serve_parser

@@ -130,6 +130,14 @@ class ReplicaRange(BaseModel):
             raise ValueError(f"replicas must be a count (2) or a range (1:4), got {text!r}") from e
 
 
+class SLOTargets(BaseModel):
+    """What counts as a good request in ``splitserve_slo_met_requests_total`` (goodput) and the shipped alerts."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttft_s: float = Field(3.0, gt=0, description="time to first token")
+    tpot_s: float = Field(0.15, gt=0, description="mean time per output token after the first")
+
+
 class PlannerSettings(BaseModel):
     """The SLA planner (``splitserve.tune.sla_planner``): it sets each role's replicas within its range."""
 
@@ -159,6 +167,7 @@ class ServeConfig(BaseModel):
     prefill_resources: WorkerResources = Field(default_factory=WorkerResources)
     decode_resources: WorkerResources = Field(default_factory=WorkerResources)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    slo: SLOTargets = Field(default_factory=SLOTargets, description="targets a request must meet to count as goodput")
     price_per_accelerator_hour: float | None = Field(
         None, ge=0, description="turns compute-seconds per tenant into splitserve_compute_cost_total (a worker replica = one accelerator)",
     )

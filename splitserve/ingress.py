@@ -67,6 +67,7 @@ class IngressCore:
         self.served_name = cfg.http.served_model_name or _default_name(cfg, model_path)
         self.model_names = list(dict.fromkeys([self.served_name, model_path, cfg.engine.model or model_path, *_aliases(cfg)]))
         self.metrics = Metrics(max_tenants=cfg.http.max_metric_tenants, price_per_accelerator_hour=cfg.price_per_accelerator_hour)
+        self.metrics.start_series(cfg.mode)
         self.prep = PromptBuilder(self.tokenizer, self.vocab_size, cfg.http)
         r = cfg.routing
         self.registry = WorkerRegistry(directory, max_age_s=r.load_max_age_s, track_prefixes=r.prefix_aware,
@@ -127,7 +128,7 @@ class IngressCore:
         tenant = self.metrics.tenant_label(rreq.tenant)  # bounded: at most http.max_metric_tenants labels
         m, mode = self.metrics, self.cfg.mode
         limit_s = self.cfg.routing.request_timeout_s
-        last = None
+        first = last = None
         status = "error"
         try:
             # asyncio.timeout cancels this task at the deadline: no helper task races the stream's own cleanup
@@ -137,6 +138,7 @@ class IngressCore:
                         now = time.monotonic()
                         if chunk.new_token_ids:
                             if last is None:
+                                first = now
                                 m.ttft.labels(mode).observe(now - rreq.arrival)
                             else:
                                 m.itl.labels(mode).observe((now - last) / len(chunk.new_token_ids))
@@ -146,6 +148,8 @@ class IngressCore:
                             m.prompt_tokens.labels(tenant).inc(chunk.num_prompt_tokens)
                             m.generation_tokens.labels(tenant).inc(chunk.num_output_tokens)
                             m.e2e.labels(mode).observe(now - rreq.arrival)
+                            if status == "ok" and first is not None and self._within_slo(rreq.arrival, first, now, chunk.num_output_tokens):
+                                m.slo_met.labels(mode).inc()
                         yield chunk
         except TimeoutError as e:
             status = "timeout"
@@ -158,6 +162,13 @@ class IngressCore:
             raise
         finally:
             m.requests.labels(status, tenant).inc()
+
+
+    def _within_slo(self, arrival: float, first_token: float, finished: float, num_output_tokens: int) -> bool:
+        """TTFT and mean time per output token after the first, against ``cfg.slo``."""
+        slo = self.cfg.slo
+        tpot = (finished - first_token) / (num_output_tokens - 1) if num_output_tokens > 1 else 0.0
+        return first_token - arrival <= slo.ttft_s and tpot <= slo.tpot_s
 
 
 def _aliases(cfg: ServeConfig) -> tuple[str, ...]:

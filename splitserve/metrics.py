@@ -20,6 +20,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from splitserve.scheduler.types import Fallback
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
 
 
@@ -27,6 +29,11 @@ TENANT_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 DEFAULT_TENANT = "default"  # requests that name no tenant
 OTHER_TENANT = "other"  # tenants past the cardinality cap
 _TENANT_RE = re.compile(TENANT_PATTERN)
+
+
+RETRY_REASONS = ("prefill_failed", "decode_busy", "reserve_failed", "decode_failed")
+REQUEST_STATUSES = ("ok", "error", "timeout", "cancelled", "rejected")
+ROLES = ("prefill", "decode", "both")
 
 
 class Metrics:
@@ -87,6 +94,14 @@ class Metrics:
         self.accelerator_memory = Gauge(
             "splitserve_worker_accelerator_memory_bytes", "GPU memory allocated by the worker (0 on CPU)", ["role", "worker"], registry=r,
         )
+        self.slo_met = Counter(
+            "splitserve_slo_met_requests", "Requests that finished within the configured SLOs (TTFT and time per output token)",
+            ["mode"], registry=r,
+        )
+        self.worker_tokens = Gauge(
+            "splitserve_worker_tokens", "Tokens a worker's engine computed since it started (prompt and generated; grows like a counter)",
+            ["role", "worker"], registry=r,
+        )
         self._worker_labels: set[tuple[str, str]] = set()
         self._planner_seen: dict[str, float] = {}
 
@@ -104,6 +119,18 @@ class Metrics:
             return OTHER_TENANT
         self._tenants.add(tenant)
         return tenant
+
+    def start_series(self, mode: str) -> None:
+        """Create the label sets dashboards and alerts query, at 0, so a quiet server answers them with zeros."""
+        for reason in RETRY_REASONS:
+            self.retries.labels(reason)
+        for reason in Fallback:
+            self.fallbacks.labels(reason.value)
+        for status in REQUEST_STATUSES:
+            self.requests.labels(status, DEFAULT_TENANT)
+        for role in ROLES:
+            self.replicas.labels(role)
+        self.slo_met.labels(mode)
 
     def charge_compute(self, tenant: str | None, role: str, seconds: float) -> None:
         """Add a request's engine time on one worker to its tenant (and its cost, when a price is configured)."""
@@ -123,7 +150,7 @@ class Metrics:
             for gauge in (self.kv_blocks_used, self.kv_blocks_total):
                 gauge.remove(w)
         self._worker_labels = current
-        for role in ("prefill", "decode", "both"):
+        for role in ROLES:
             self.replicas.labels(role).set(sum(1 for r, _ in current if r == role))
         for rep in reports:
             w, role = rep["worker_id"], rep["role"]
@@ -136,12 +163,13 @@ class Metrics:
             self.busy_seconds.labels(role, w).set(rep.get("busy_s", 0.0))
             self.busy_fraction.labels(role, w).set(rep.get("busy_fraction", 0.0))
             self.accelerator_memory.labels(role, w).set(rep.get("accelerator_memory_bytes", 0))
+            self.worker_tokens.labels(role, w).set(rep.get("num_tokens", 0))
 
     @property
     def _per_worker_role_gauges(self) -> tuple[Gauge, ...]:
         return (
             self.queue_depth, self.running, self.worker_requests, self.worker_healthy, self.busy_seconds, self.busy_fraction,
-            self.accelerator_memory,
+            self.accelerator_memory, self.worker_tokens,
         )
 
     def update_spread(self, summary: dict[str, dict[str, Any]]) -> None:

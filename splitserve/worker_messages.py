@@ -126,6 +126,7 @@ class WorkerStats:
     prefix_hits: int = 0
     prefix_queries: int = 0
     prefix_version: int = -1
+    num_tokens: int = 0  # tokens the engine computed since start (prompt chunks and decodes)
     busy_s: float = 0.0  # engine step time since start (every second of it charged to some request)
     busy_fraction: float = 0.0  # busy time over wall time in the last ``meter_window_s``
     accelerator_memory_bytes: int = 0  # GPU memory allocated by this worker (0 on CPU)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 APPS = {
-    "d11": dict(mode="disaggregated", num_prefill=1, num_decode=1),
+    "d11": dict(mode="disaggregated", num_prefill=1, num_decode=1, price_per_accelerator_hour=2.5),
     "d21": dict(mode="disaggregated", num_prefill=2, num_decode=1),
     "agg": dict(mode="aggregated", num_prefill=0, num_decode=1),
     "faulty": dict(

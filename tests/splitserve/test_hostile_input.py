@@ -134,7 +134,8 @@ def test_tenant_labels_are_bounded_with_an_other_bucket(aio, workers, tiny_model
                 assert r.status_code == 200, r.text
             text = (await c.get("/metrics")).text
             seen = {m.group(1) for m in re.finditer(r'splitserve_requests_total\{status="ok",tenant="([^"]*)"\}', text)}
-            assert seen == {"team-a", "team.b", "c:1", "other"}
+            assert seen == {"team-a", "team.b", "c:1", "other", "default"}  # "default": created at 0 for the dashboards
+            assert metric_value(text, "splitserve_requests_total", status="ok", tenant="default") == 0
             assert metric_value(text, "splitserve_requests_total", status="ok", tenant="team-a") == 2
             assert metric_value(text, "splitserve_requests_total", status="ok", tenant="other") == 2
             # a tenant past the cap stays in "other" and the bad ones never got in
