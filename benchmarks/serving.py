@@ -1,12 +1,18 @@
 """Serving benchmark: splitserve (disaggregated, aggregated) and optionally vLLM-CPU, one after the other.
 
 Each server is started on the same checkpoint, driven by vLLM's own serving
-benchmark client (``../shared/peer/vllm-cpu.sh bench``) with the same workload,
-then stopped before the next one starts (two servers would share two cores).
-Prints one table (TTFT and inter-token latency p50/p99, throughput, goodput at the
-stated SLOs) with ratios against the aggregated baseline measured in the same run.
+benchmark client (``../shared/peer/vllm-cpu.sh bench``) with the same workload at
+each request rate, then stopped before the next one starts (two servers would share
+two cores). Prints one table per rate (TTFT and inter-token latency p50/p99,
+throughput, goodput at the stated SLOs) with ratios against a baseline measured in
+the same run (vLLM-CPU when it is among the systems, else aggregated splitserve).
 
-    python benchmarks/serving.py --peer-venv /tmp/peer/vllm --workload rag --request-rate 0.25 --num-prompts 16
+vLLM-CPU is served in its best dtype for the CPU (``--peer-dtype auto``: bfloat16
+only where the CPU has AMX or avx512_bf16; bfloat16 is emulated, and several times
+slower, elsewhere); prefix caching is off on every server unless the workload is
+``prefix`` (reuse is then what is measured).
+
+    python benchmarks/serving.py --peer-venv /tmp/peer/vllm --workload rag --request-rates 0.25,0.5,1,2 --num-prompts 16
     python benchmarks/serving.py --peer-venv /tmp/peer/vllm --systems splitserve-disagg,splitserve-agg,vllm-cpu --workload chat
     python benchmarks/serving.py --peer-venv /tmp/peer/vllm --systems splitserve-agg@256   # chunked prefill: 256 tokens per step
 
@@ -38,9 +44,11 @@ WORKLOADS = {
 }
 
 
-def splitserve_cmd(system: str, model: str, port: int) -> list[str]:
+def splitserve_cmd(system: str, model: str, port: int, prefix_caching: bool = True) -> list[str]:
     """``splitserve-disagg`` / ``splitserve-agg``, optionally ``@N``: a prefill token budget of N per step."""
     base = [sys.executable, "-m", "splitserve.cli", "serve", "--model", model, "--port", str(port)]
+    if not prefix_caching:
+        base.append("--no-prefix-caching")
     system, _, budget = system.partition("@")
     if budget:
         base += ["--max-num-batched-tokens", budget]
@@ -66,13 +74,23 @@ def wait_health(port: int, proc: subprocess.Popen, timeout_s: float = 600) -> No
     raise TimeoutError(f"server on {port} not healthy after {timeout_s} s")
 
 
-def start_server(system: str, model: str, port: int, peer_venv: str, log: Path) -> subprocess.Popen:
+def best_peer_dtype() -> str:
+    """bfloat16 where the CPU computes it natively (AMX or avx512_bf16), else float32."""
+    from common import cpu_flags
+
+    flags = cpu_flags()
+    return "bfloat16" if {"amx_bf16", "avx512_bf16"} & flags else "float32"
+
+
+def start_server(system: str, model: str, port: int, peer_venv: str, log: Path, *, peer_dtype: str = "float32",
+                 prefix_caching: bool = False) -> subprocess.Popen:
     out = open(log, "w")
     if system == "vllm-cpu":
-        env = {**os.environ, "VLLM_ARGS": os.environ.get("VLLM_ARGS", "")}
+        vllm_args = f"--dtype {peer_dtype}" + ("" if prefix_caching else " --no-enable-prefix-caching")
+        env = {**os.environ, "VLLM_ARGS": f"{vllm_args} {os.environ.get('VLLM_ARGS', '')}".strip()}
         subprocess.run(["bash", str(PEER), "serve", peer_venv, model, str(port)], check=True, env=env, stdout=out, stderr=subprocess.STDOUT)
         return None  # vllm-cpu.sh backgrounds the server; stopped by port below
-    proc = subprocess.Popen(splitserve_cmd(system, model, port), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(splitserve_cmd(system, model, port, prefix_caching), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     wait_health(port, proc)
     return proc
 
@@ -117,13 +135,14 @@ def print_table(rows: list[dict], baseline: str) -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     base = next((r for r in rows if r["system"] == baseline), None)
     if base:
         for r in rows:
             if r is base:
                 continue
-            ratios = {k: (r[k] / base[k]) if r[k] and base[k] else float("nan") for k in ("ttft_p99_ms", "itl_p99_ms", "itl_p50_ms", "req_per_s")}
+            keys = ("goodput_req_per_s", "ttft_p99_ms", "itl_p99_ms", "req_per_s")
+            ratios = {k: (r[k] / base[k]) if r[k] and base[k] else float("nan") for k in keys}
             print(f"{r['system']} / {baseline}: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
 
 
@@ -133,14 +152,18 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded small model)")
     ap.add_argument("--systems", default="splitserve-disagg,splitserve-agg")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="rag")
-    ap.add_argument("--request-rate", type=float, default=0.25)
+    ap.add_argument("--request-rates", "--request-rate", default="0.25", help="comma-separated request rates (req/s), each measured")
     ap.add_argument("--num-prompts", type=int, default=16)
-    ap.add_argument("--goodput", default="ttft:5000 tpot:200", help="SLOs in ms for vLLM's --goodput")
+    ap.add_argument("--goodput", default="ttft:3000 tpot:150", help="SLOs in ms for vLLM's --goodput")
+    ap.add_argument("--peer-dtype", default="auto", help="vLLM-CPU's dtype; auto: its best on this CPU (see best_peer_dtype)")
     ap.add_argument("--seed", type=int, default=None, help="default: a new seed per run, so no run hits another's prefix cache")
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--warmup-prompts", type=int, default=4)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import cpu_flags, cpu_model
+
     model = args.model
     if model is None:
         sys.path.insert(0, str(ROOT))
@@ -148,27 +171,37 @@ def main() -> int:
 
         model = str(default_model_path())
     systems = args.systems.split(",")
+    rates = [float(r) for r in args.request_rates.split(",")]
+    peer_dtype = best_peer_dtype() if args.peer_dtype == "auto" else args.peer_dtype
+    prefix_caching = args.workload == "prefix"
     tmp = Path(tempfile.mkdtemp(prefix="splitserve-bench-"))
-    rows = []
+    rows: dict[float, list[dict]] = {rate: [] for rate in rates}
     seed = args.seed if args.seed is not None else int(time.time()) % 100000
     common = [*WORKLOADS[args.workload], "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
               "--goodput", *args.goodput.split()]
     for i, system in enumerate(systems):
         print(f"== {system}: starting", flush=True)
-        proc = start_server(system, model, args.port, args.peer_venv, tmp / f"{system}.log")
+        proc = start_server(system, model, args.port, args.peer_venv, tmp / f"{system}.log", peer_dtype=peer_dtype, prefix_caching=prefix_caching)
         try:
             run_bench(args.peer_venv, args.port, model, [*common, "--num-prompts", str(args.warmup_prompts), "--request-rate", "inf",
                                                          "--seed", str(seed + 1000 + i)], tmp / f"{system}-warmup.json")
-            res = run_bench(args.peer_venv, args.port, model, [*common, "--num-prompts", str(args.num_prompts),
-                                                               "--request-rate", str(args.request_rate), "--seed", str(seed)], tmp / f"{system}.json")
-            rows.append(row(system, res))
+            for j, rate in enumerate(rates):  # a new seed per rate: no rate's prompts are another's
+                res = run_bench(args.peer_venv, args.port, model, [*common, "--num-prompts", str(args.num_prompts),
+                                                                   "--request-rate", str(rate), "--seed", str(seed + j)], tmp / f"{system}-{rate}.json")
+                rows[rate].append(row(system, res))
         finally:
             stop_server(system, proc, args.port)
-    print(f"\nworkload={args.workload} rate={args.request_rate} req/s prompts={args.num_prompts} goodput SLO: {args.goodput} (ms) model={model}")
-    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}\n")
-    print_table(rows, "splitserve-agg")
+    flags = " ".join(sorted(f for f in cpu_flags() if f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")))
+    print(f"\nworkload={args.workload} prompts={args.num_prompts} goodput SLO: {args.goodput} (ms) model={model}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, flags: {flags or 'none of amx/avx512'}; vLLM-CPU dtype {peer_dtype}; "
+          f"prefix caching {'on' if prefix_caching else 'off'} everywhere")
+    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    baseline = "vllm-cpu" if "vllm-cpu" in systems else "splitserve-agg"
+    for rate in rates:
+        print(f"\n### {rate} req/s")
+        print_table(rows[rate], baseline)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=2))
     return 0
 
 

@@ -40,6 +40,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (GPU clusters)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
+                   help="turn the workers' prefix caches off (for measurements that must not reuse prompts)")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="batch-invariant numerics: a request's output does not depend on what runs beside it (slower)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the workers")
@@ -56,6 +58,7 @@ def config_from_args(args: argparse.Namespace):
         "http.api_key": None if args.api_key_file else args.api_key, "http.api_key_file": args.api_key_file,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
         "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes, "engine.deterministic": args.deterministic,
+        "engine.enable_prefix_caching": getattr(args, "prefix_caching", None),
         "prefill_resources.num_cpus": args.worker_cpus, "decode_resources.num_cpus": args.worker_cpus,
         "prefill_resources.num_gpus": args.worker_gpus, "decode_resources.num_gpus": args.worker_gpus,
     }
