@@ -69,6 +69,7 @@ class LLMEngine:
         self._reserved_cached: dict[str, int] = {}  # decode side: leading reserved blocks reused from the prefix cache
         self.busy_s = 0.0  # time spent in steps (forward, sampling, bookkeeping), all of it charged to sequences
         self.num_step_tokens = 0  # tokens computed by steps (prompt chunks and decodes)
+        self.decode_step_s = 0.0  # moving average of the time of steps that decoded (the gap between a stream's tokens)
 
     # ---- requests -------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -302,6 +303,8 @@ class LLMEngine:
         """Split a step's time over its sequences by the tokens each computed in it (a decode step: evenly)."""
         self.busy_s += elapsed_s
         self.num_step_tokens += sched.num_tokens
+        if sched.decodes:
+            self.decode_step_s = elapsed_s if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * elapsed_s
         per_token = elapsed_s / max(1, sched.num_tokens)
         for chunk in sched.chunks:
             chunk.seq.compute_s += per_token * chunk.num_new_tokens

@@ -22,6 +22,16 @@
    ``max_prefill_queue_tokens`` (so all are), or when the part of the prompt
    the decode worker would have to compute itself -- prompt length minus the
    longest cached prefix it holds -- is ``<= local_prefill_threshold_tokens``.
+5. With SLO targets (``ttft_target_s``, ``itl_target_s``): prefill locally when the
+   prefill worker would start this prompt too late -- its queued tokens plus this
+   prompt's, at its measured rate, take longer than the TTFT target -- and the
+   decode worker would finish it sooner (its own queue plus this prompt at its
+   rate; an unmeasured decode worker is assumed as fast as the prefill worker),
+   *unless* the decode worker's recent decoding steps already take more than half
+   the ITL target (a local prefill lengthens every running stream's steps). So the
+   split bends toward aggregated serving under prefill pressure and straightens
+   again when decoding has no room: Dynamo's conditional disaggregation, driven by
+   the SLOs and the measured queues instead of a fixed length threshold.
 
 The prefix overlap that decides (4) is measured on the *decode* worker: it is
 the cost of the local alternative. A prompt fully cached on a prefill worker
@@ -154,6 +164,7 @@ class LeastLoadedPolicy:
     ``retry_after_s``: the back-off hint carried by ``NoWorkerAvailable``.
     ``degraded_mode``: with no usable decode worker, a prefill worker serves
     whole requests (False: back-pressure instead).
+    ``ttft_target_s`` / ``itl_target_s``: the SLOs of rule 5 (None: rule 5 off).
     """
 
     def __init__(
@@ -162,6 +173,8 @@ class LeastLoadedPolicy:
         max_prefill_queue_tokens: int | None = None,
         retry_after_s: float = 1.0,
         degraded_mode: bool = True,
+        ttft_target_s: float | None = None,
+        itl_target_s: float | None = None,
     ) -> None:
         if local_prefill_threshold_tokens < 0:
             raise ValueError(
@@ -175,6 +188,8 @@ class LeastLoadedPolicy:
         self.max_prefill_queue_tokens = max_prefill_queue_tokens
         self.retry_after_s = retry_after_s
         self.degraded_mode = degraded_mode
+        self.ttft_target_s = ttft_target_s
+        self.itl_target_s = itl_target_s
 
     def pick(
         self,
@@ -248,6 +263,9 @@ class LeastLoadedPolicy:
                 f"local prefill: {num_uncached} uncached prompt tokens <= threshold {threshold} "
                 f"({num_cached} of {request.num_prompt_tokens} cached on {decoder.worker_id}); {where}",
             )
+        slo_local = self._slo_prefers_local(request, prefiller, decoder)
+        if slo_local is not None:
+            return PairDecision(None, decoder.worker_id, f"local prefill: {slo_local}; {where}", Fallback.SLO_LOCAL_PREFILL)
         prefill_cached = request.num_prompt_tokens - uncached_prompt_tokens(request, prefiller)
         return PairDecision(
             prefiller.worker_id,
@@ -255,6 +273,27 @@ class LeastLoadedPolicy:
             f"remote prefill on {prefiller.worker_id} ({prefiller.num_queued_tokens} queued tokens, "
             f"{prefill_cached} prompt tokens cached there): "
             f"{num_uncached} uncached prompt tokens > threshold {threshold}; {where}",
+        )
+
+    def _slo_prefers_local(self, request: PairRequest, prefiller: WorkerLoad, decoder: WorkerLoad) -> str | None:
+        """Rule 5: why this prompt should be prefilled on ``decoder`` to meet the TTFT target, or None."""
+        if self.ttft_target_s is None or self.itl_target_s is None:
+            return None
+        remote_rate = prefiller.prefill_tokens_per_s
+        if not remote_rate:  # not measured yet: no grounds to leave the normal path
+            return None
+        remote_s = (prefiller.num_queued_tokens + uncached_prompt_tokens(request, prefiller)) / remote_rate
+        if remote_s <= self.ttft_target_s:
+            return None
+        local_rate = decoder.prefill_tokens_per_s or remote_rate
+        local_s = (decoder.num_queued_tokens + uncached_prompt_tokens(request, decoder)) / local_rate
+        if local_s >= remote_s:
+            return None
+        if decoder.num_running and decoder.decode_step_s > self.itl_target_s / 2:
+            return None  # decoding has no room for it: the streams there would miss the ITL target
+        return (
+            f"{prefiller.worker_id} would start it in ~{remote_s:.1f} s > TTFT target {self.ttft_target_s:g} s, "
+            f"here ~{local_s:.1f} s (decode steps {decoder.decode_step_s * 1e3:.0f} ms <= half the ITL target)"
         )
 
     def _degraded(

@@ -45,6 +45,8 @@ class WorkerLoad:
     is_healthy: bool = True
     updated_at: float = 0.0
     prefix_hashes: frozenset[int] = frozenset()
+    prefill_tokens_per_s: float | None = None  # measured prefill drain rate (router's estimate); None: not yet known
+    decode_step_s: float = 0.0  # recent engine step time while it decoded (what its streams' inter-token gaps are)
 
     @property
     def num_active(self) -> int:
@@ -89,6 +91,7 @@ class Fallback(str, Enum):
     NO_DECODE_WORKER = "no_decode_worker"  # degraded: a prefill worker serves the whole request
     RETRY_LOCAL_PREFILL = "retry_local_prefill"  # the last attempt after failed transfers prefills on the decode worker
     MIGRATION = "migration"  # resumed on another worker after its decode worker died mid-stream
+    SLO_LOCAL_PREFILL = "slo_local_prefill"  # prefilled on the decode worker: the prefill queue would miss the TTFT target
 
 
 @dataclass(slots=True)

@@ -72,6 +72,9 @@ class RoutingConfig(BaseModel):
     local_prefill_threshold_tokens: int = Field(0, ge=0, description="prompts this short are prefilled on the decode worker")
     prefix_aware: bool = Field(True, description="route a prompt to the worker whose prefix cache holds most of it (workers report cache summaries)")
     max_prefill_queue_tokens: int | None = Field(None, ge=1, description="above this, prefill locally instead of queueing")
+    slo_local_prefill: bool = Field(
+        True, description="prefill on the decode worker when the prefill queue would miss slo.ttft_s and decoding has room (slo.tpot_s)",
+    )
     max_attempts: int = Field(3, ge=1, description="tries per request across workers before failing it")
     load_report_interval_s: float = Field(0.5, gt=0, description="how often each worker publishes its load (Serve's routing-stats period)")
     load_max_age_s: float = Field(

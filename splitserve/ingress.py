@@ -75,7 +75,8 @@ class IngressCore:
         self.spread = SpreadTracker()
         policy = LeastLoadedPolicy(
             local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens,
-            degraded_mode=r.degraded_mode,
+            degraded_mode=r.degraded_mode, ttft_target_s=cfg.slo.ttft_s if r.slo_local_prefill else None,
+            itl_target_s=cfg.slo.tpot_s if r.slo_local_prefill else None,
         )
         self.router = Router(
             self.registry, self.metrics, mode=cfg.mode, policy=policy, max_attempts=r.max_attempts, prefill_timeout_s=r.prefill_timeout_s,

@@ -35,7 +35,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from splitserve.cleanup import Janitor
@@ -151,14 +151,18 @@ class Router:
     def check_capacity(self, req: RoutedRequest) -> None:
         """Raise ``NoWorkerAvailable`` now if no worker could take ``req``, ``QueueWaitTooLong`` if it would wait
         past the budget (lets HTTP answer 503 before streaming)."""
-        loads = self.registry.loads()
+        loads = self._loads()
         decision = self.policy.pick(self._pair_request(req, loads), loads, frozenset())
         prefiller = decision.prefill_worker_id or decision.decode_worker_id
         ahead = next((w.num_queued_tokens for w in loads if w.worker_id == prefiller), 0)
         self.admission.check(prefiller, ahead)
 
+    def _loads(self) -> list[WorkerLoad]:
+        """The registry's loads with the prefill rates admission measured (the policy's SLO rule reads them)."""
+        return [replace(w, prefill_tokens_per_s=self.admission.tokens_per_s(w.worker_id)) for w in self.registry.loads()]
+
     def _pick(self, req: RoutedRequest, exclude: set[str], local_only: bool, resume: ResumeRequest | None) -> PairDecision:
-        loads = self.registry.loads()
+        loads = self._loads()
         pair_req = self._pair_request(req, loads, resume, local_only)
         decision = self.policy.pick(pair_req, loads, frozenset(exclude))
         self.registry.view.reserve_decision(decision, pair_req)

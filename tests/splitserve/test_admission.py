@@ -14,7 +14,8 @@ from tests.splitserve.conftest import Stack, make_decode, make_prefill, metric_v
 
 pytestmark = pytest.mark.engine
 
-STALE_VIEW = {"load_report_interval_s": 30.0, "load_max_age_s": 120.0}  # the queue set below stays in the view
+# the queue set below stays in the view; SLO-driven local prefill off, so the prefill worker's queue is what counts
+STALE_VIEW = {"load_report_interval_s": 30.0, "load_max_age_s": 120.0, "slo_local_prefill": False}
 
 
 @pytest.fixture(scope="module")
@@ -66,5 +67,23 @@ def test_no_budget_admits_everything_and_dispatches_are_counted(aio, workers, ti
             r = await c.post("/v1/completions", json={"prompt": list(range(5, 45)), "max_tokens": 4, "ignore_eos": True})
             assert r.status_code == 200, r.text
             assert s.core.router.admission._drains["prefill-0"].dispatched == 40  # the prompt sent there to prefill
+
+    aio.run(body())
+
+
+def test_a_prefill_queue_past_the_ttft_target_is_served_by_the_decode_worker(aio, workers, tiny_model):
+    """With the SLO rule on (the default) the same long queue sends the request to the decode worker to prefill."""
+    p, d = workers["p"], workers["d"]
+
+    async def body():
+        routing = {**STALE_VIEW, "slo_local_prefill": True, "max_queue_wait_s": 10.0}
+        async with Stack(tiny_model, [p], [d], routing=routing, slo={"ttft_s": 2.0}) as s, s.client() as c:
+            slow_drain(s.core.router, "prefill-0", tokens_per_s=100.0)
+            s.core.registry.view.reserve("prefill-0", 0, 3000)  # 30 s at 100 tokens/s > the 2 s target
+            before = p.num_requests, d.num_requests
+            r = await c.post("/v1/completions", json={"prompt": list(range(5, 45)), "max_tokens": 4, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            assert (p.num_requests, d.num_requests) == (before[0], before[1] + 1)  # prefilled and decoded on d
+            assert metric_value(s.metrics_text(), "splitserve_fallbacks_total", reason="slo_local_prefill") == 1
 
     aio.run(body())
