@@ -44,16 +44,22 @@ WORKLOADS = {
 }
 
 
+FIXED_SPLIT_CONFIG = ROOT / "benchmarks" / "fixed_split.yaml"  # routing.slo_local_prefill off: the split never bends
+
+
 def splitserve_cmd(system: str, model: str, port: int, prefix_caching: bool = True) -> list[str]:
-    """``splitserve-disagg`` / ``splitserve-agg``, optionally ``@N``: a prefill token budget of N per step."""
+    """``splitserve-default`` (what ``splitserve serve`` does: 1P1D, the split bending to the SLOs),
+    ``splitserve-disagg`` (fixed 1P1D) / ``splitserve-agg``, optionally ``@N``: a prefill token budget of N per step."""
     base = [sys.executable, "-m", "splitserve.cli", "serve", "--model", model, "--port", str(port)]
     if not prefix_caching:
         base.append("--no-prefix-caching")
     system, _, budget = system.partition("@")
     if budget:
         base += ["--max-num-batched-tokens", budget]
+    if system == "splitserve-default":
+        return base
     if system == "splitserve-disagg":
-        return base + ["--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--worker-cpus", "1"]
+        return base + ["--config", str(FIXED_SPLIT_CONFIG), "--mode", "disaggregated", "--prefill", "1", "--decode", "1", "--worker-cpus", "1"]
     if system == "splitserve-agg":
         return base + ["--mode", "aggregated", "--decode", "1", "--worker-cpus", "2"]
     raise ValueError(system)

@@ -62,6 +62,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._prompts: dict[str, str | None] = {}
+        self._prompt_ids: dict[str, list[int]] = {}  # one copy per request, shared by its outputs (not one per token)
         self._emitted: dict[str, tuple[int, int]] = {}  # tokens and characters already reported
         self._counter = itertools.count()
         self._held: dict[str, list[int]] = {}  # finished keep_kv requests -> blocks awaiting transfer
@@ -381,17 +382,20 @@ class LLMEngine:
             num_preemptions=seq.num_preemptions,
             compute_s=seq.compute_s,
         )
+        prompt_ids = self._prompt_ids.get(seq.req_id)
+        if prompt_ids is None or len(prompt_ids) != seq.num_prompt_tokens:
+            prompt_ids = self._prompt_ids[seq.req_id] = seq.token_ids[: seq.num_prompt_tokens]
         return RequestOutput(
             req_id=seq.req_id,
             prompt=self._prompts.get(seq.req_id),
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            outputs=[CompletionOutput(0, detok.text, list(out_ids), finish, seq.stop_reason)],
+            prompt_token_ids=prompt_ids,
+            outputs=[CompletionOutput(0, detok.text, out_ids, finish, seq.stop_reason)],  # out_ids: a fresh slice
             finished=seq.is_finished,
             metrics=metrics,
-            new_token_ids=list(out_ids[num_sent_tokens:]),
+            new_token_ids=out_ids[num_sent_tokens:],
             new_text=detok.text[num_sent_chars:text_end],
         )
 
     def _forget(self, req_id: str) -> None:
-        for d in (self._seqs, self._detok, self._prompts, self._emitted):
+        for d in (self._seqs, self._detok, self._prompts, self._prompt_ids, self._emitted):
             d.pop(req_id, None)

@@ -73,6 +73,18 @@ LOCAL_ENV = {
 }
 
 
+# How Serve's own processes run, read by each from the environment Ray starts with (`use_loopback_only` sets these
+# for a local Ray; ray_cluster.yaml's start commands for a cluster). Measured per streamed token
+# (benchmarks/stream_cpu.py, docs/benchmarks.md): gRPC between replicas instead of one Ray object per streamed item (the proxy's calls to the ingress; the ingress
+# asks for it per handle anyway, scheduler/directory.py) halved the CPU outside the engine; user code and the
+# handles' router on the replica's own event loop instead of threads of their own took another quarter.
+SERVE_ENV = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
 def use_loopback_only() -> None:
     """Keep a local Ray and NIXL off the network (see the module docstring); an operator's own setting wins.
 
@@ -80,7 +92,7 @@ def use_loopback_only() -> None:
     inherit this one's environment; this process has imported Ray already, so
     its copy of the flag is set too.
     """
-    for key, value in LOCAL_ENV.items():
+    for key, value in {**LOCAL_ENV, **SERVE_ENV}.items():  # SERVE_ENV: how the Serve processes this Ray starts run
         os.environ.setdefault(key, value)
     from ray._private import ray_constants
 

@@ -225,10 +225,10 @@ def main() -> None:
     ap.add_argument("--step-rate", type=float, default=4.0)
     ap.add_argument("--trickle-rate", type=float, default=0.5)
     args = ap.parse_args()
-    from splitserve.serve_cli import LOCAL_ENV
+    from splitserve.serve_cli import LOCAL_ENV, SERVE_ENV  # no Ray import: these must be set before Ray loads
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    for key, value in LOCAL_ENV.items():  # every node on loopback, as `splitserve serve` keeps a local Ray
+    for key, value in {**LOCAL_ENV, **SERVE_ENV}.items():  # every node on loopback, Serve as `splitserve serve` runs it
         os.environ.setdefault(key, value)
     with tempfile.TemporaryDirectory() as d:
         result = run(args.model, Path(d), args.step_rate, args.trickle_rate)

@@ -35,6 +35,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitserve.serve_cli import SERVE_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The head offers the custom resources of ray_cluster.yaml's node types, so configs that
@@ -176,6 +178,7 @@ def start_head(startup_timeout_s: float = 240.0) -> RayHead:
         "RAY_USAGE_STATS_ENABLED": "0",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **SERVE_ENV,  # as ray_cluster.yaml starts its nodes
     })
     log_path = Path(temp_dir) / "ray_start.log"
     cmd = [

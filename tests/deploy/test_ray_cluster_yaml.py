@@ -103,6 +103,10 @@ def test_commands_parse_and_install_splitserve(cluster):
     worker_start = " ".join(cluster["worker_start_ray_commands"])
     assert "--head" in head_start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
     assert "--address=$RAY_HEAD_IP:6379" in worker_start
+    from splitserve.serve_cli import SERVE_ENV
+
+    prefix = " ".join(f"{key}={value}" for key, value in SERVE_ENV.items())  # Serve's processes read them at start
+    assert f"{prefix} ray start --head" in head_start and f"{prefix} ray start --address" in worker_start
 
 
 def _serve_config(path: Path) -> tuple[dict, object]:

@@ -8,6 +8,7 @@ and slow KV transfers) and ``/slowxfer`` (every transfer held 4 s).
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -44,6 +45,10 @@ def serve_port():
     import ray
     from ray import serve
 
+    from splitserve.serve_cli import SERVE_ENV
+
+    for key, value in SERVE_ENV.items():  # as `splitserve serve` does: the HTTP proxy calls the ingress over gRPC
+        os.environ.setdefault(key, value)
     port = _free_port()
     # address="local": never attach to a cluster some other test or user started with `ray start`
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False)
