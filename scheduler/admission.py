@@ -13,9 +13,13 @@ reports and the tokens the router sent it:
 
     drained = queued at the previous report + tokens dispatched since - queued now
 
-over the time between the two reports, taken only when the queue was non-empty
-at both ends (the worker was busy prefilling throughout; an idle interval would
-understate the rate and shed requests for nothing). Samples are averaged with
+over the time between the two reports, taken when the queue was non-empty at the
+start (the worker had work; an interval that starts empty may be mostly idle and
+would understate the rate and shed requests for nothing). An interval that ends
+empty counts: the queue drained in it. (Excluding those too, as this once did,
+measured 0 tokens/s whenever one prefill step outlasts a report period: the queue
+held still during each step and only ever moved by emptying, so every request
+after the first few was refused as "never starting".) Samples are averaged with
 sums of tokens and seconds that decay with *time* (``window_s``), not per sample:
 reports come every quarter second while one prefill step can take seconds, so the
 queue drains in steps and most samples drain nothing; a per-sample decay saw
@@ -77,7 +81,7 @@ class QueueWaitEstimator:
         """A fresh load report: ``num_queued_tokens`` prompt tokens wait on ``worker_id`` at ``now``."""
         d = self._drains.setdefault(worker_id, _Drain())
         prev, dt = d.last_queued, now - d.last_time
-        if prev is not None and prev > 0 and num_queued_tokens > 0 and dt > 0:
+        if prev is not None and prev > 0 and dt > 0:
             drained = max(0, prev + d.dispatched - num_queued_tokens)
             keep = math.exp(-dt / self.window_s)
             d.tokens = keep * d.tokens + drained

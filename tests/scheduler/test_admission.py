@@ -27,13 +27,25 @@ def test_rate_is_what_drained_between_busy_reports():
     assert est.estimate_s("p0", 6000) == pytest.approx(10.0)
 
 
-def test_idle_intervals_are_not_samples():
-    """A queue that empties between reports says nothing about the rate (the worker idled part of the time)."""
+def test_intervals_that_start_empty_are_not_samples():
+    """A queue that was empty at a report says nothing about the rate until the next (the worker idled part of it)."""
     est = QueueWaitEstimator(30.0, min_busy_s=0.0)
-    busy(est, "p0", [0, 100, 0, 0, 50], [0, 100, 0, 0, 50], dt=0.25)
-    assert est.tokens_per_s("p0") is None
-    assert est.estimate_s("p0", 10_000) is None
-    est.check("p0", 10_000)  # unknown rate: admit (and measure)
+    busy(est, "p0", [0, 100, 0, 50], [0, 100, 0, 50], dt=0.25)
+    # only 100 -> 0 is a sample: 100 tokens drained in 0.25 s
+    assert est.tokens_per_s("p0") == pytest.approx(400.0)
+    fresh = QueueWaitEstimator(30.0, min_busy_s=0.0)
+    busy(fresh, "p0", [0, 0, 50], [0, 0, 50], dt=0.25)
+    assert fresh.tokens_per_s("p0") is None and fresh.estimate_s("p0", 10_000) is None
+    fresh.check("p0", 10_000)  # unknown rate: admit (and measure)
+
+
+def test_a_queue_that_only_moves_by_emptying_is_measured():
+    """Prefill steps longer than the report period: the queue holds still through each step, then empties.
+    1,024 tokens wait 3 s behind a running prefill and are taken at 3.5 s: 1024 / 3.5 tokens/s, not 0."""
+    est = QueueWaitEstimator(30.0, window_s=1e9, min_busy_s=2.0)
+    busy(est, "p0", [1024] * 7 + [0], [1024] + [0] * 7, dt=0.5)
+    assert est.tokens_per_s("p0") == pytest.approx(1024 / 3.5)
+    est.check("p0", 1024)  # about 3.5 s: admitted (it was refused as "never" before)
 
 
 def test_unknown_until_seen_busy_long_enough_then_refuses_past_the_budget():
