@@ -373,14 +373,9 @@ class LLMEngine:
         self._emitted[seq.req_id] = (len(out_ids), text_end)
         finish = seq.status.value if seq.is_finished else None
         metrics = RequestMetrics(
-            arrival_time=seq.arrival_time,
-            first_scheduled_time=seq.first_scheduled_time,
-            first_token_time=seq.first_token_time,
-            last_token_time=seq.last_token_time,
-            finished_time=seq.finished_time,
-            num_cached_tokens=seq.num_cached_tokens,
-            num_preemptions=seq.num_preemptions,
-            compute_s=seq.compute_s,
+            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time, first_token_time=seq.first_token_time,
+            last_token_time=seq.last_token_time, finished_time=seq.finished_time, num_cached_tokens=seq.num_cached_tokens,
+            num_preemptions=seq.num_preemptions, compute_s=seq.compute_s,
         )
         prompt_ids = self._prompt_ids.get(seq.req_id)
         if prompt_ids is None or len(prompt_ids) != seq.num_prompt_tokens:
