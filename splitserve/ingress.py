@@ -164,7 +164,6 @@ class IngressCore:
         finally:
             m.requests.labels(status, tenant).inc()
 
-
     def _within_slo(self, arrival: float, first_token: float, finished: float, num_output_tokens: int) -> bool:
         """TTFT and mean time per output token after the first, against ``cfg.slo``."""
         slo = self.cfg.slo
