@@ -13,6 +13,7 @@ separate test checks that transformers reads both spellings into the same config
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -127,9 +128,10 @@ def test_prefix_cache_hits_keep_outputs_exact(checkpoints, make_llm):
 def _engine_prompt_logits(llm, prompt: list[int]) -> torch.Tensor:
     engine = llm.engine
     engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    start = time.perf_counter()
     sched = engine.scheduler.schedule()
     logits = engine.runner.execute(sched)
-    engine._process(sched, logits)
+    engine._process(sched, logits, start)
     return logits[0]
 
 
