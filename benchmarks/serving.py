@@ -48,7 +48,7 @@ FIXED_SPLIT_CONFIG = ROOT / "benchmarks" / "fixed_split.yaml"  # routing.slo_loc
 
 
 def splitserve_cmd(system: str, model: str, port: int, prefix_caching: bool = True) -> list[str]:
-    """``splitserve-default`` (what ``splitserve serve`` does: 1P1D, the split bending to the SLOs),
+    """``splitserve-default`` (what ``splitserve serve`` does with no mode: ``mode: auto``, aggregated on CPU workers),
     ``splitserve-disagg`` (fixed 1P1D) / ``splitserve-agg``, optionally ``@N``: a prefill token budget of N per step."""
     base = [sys.executable, "-m", "splitserve.cli", "serve", "--model", model, "--port", str(port)]
     if not prefix_caching:

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from splitserve.config import ServeConfig, WorkerResources
+from splitserve.config import ServeConfig, WorkerResources, apply_overrides, read_yaml
 from splitserve.decode.deployment import DecodeDeployment
 from splitserve.engine.llm_engine import resolve_model_path
 from splitserve.ingress import IngressCore, build_http_app
@@ -131,11 +131,11 @@ def app_builder(args: dict[str, Any]) -> Application:
     optionally with ``config_file`` (a splitserve YAML) whose values the other args override."""
     args = dict(args or {})
     config_file = args.pop("config_file", None)
-    base = ServeConfig.from_yaml(config_file) if config_file else ServeConfig()
+    base = read_yaml(config_file) if config_file else {}
     flat = {k: v for k, v in args.items() if not isinstance(v, dict)}
     nested = {f"{k}.{kk}": vv for k, v in args.items() if isinstance(v, dict) for kk, vv in v.items()}
     coerced = {k: _coerce(v) for k, v in {**flat, **nested}.items()}
-    return build_app(base.with_overrides(coerced))
+    return build_app(ServeConfig.model_validate(apply_overrides(base, coerced)))  # validated once: mode auto sees the overrides
 
 
 def _coerce(value: Any) -> Any:

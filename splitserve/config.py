@@ -1,6 +1,6 @@
 """Deployment configuration: one pydantic model, loadable from YAML, overridable from the CLI.
 
-    mode: disaggregated          # or aggregated
+    mode: disaggregated          # or aggregated, or auto (chosen from the workers' hardware: see ``choose_mode``)
     num_prefill: 1
     num_decode: 1
     engine: {model: /path/to/ckpt, dtype: bfloat16, max_num_batched_tokens: 2048}
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from splitserve.engine.config import EngineConfig
 
@@ -157,7 +157,9 @@ class PlannerSettings(BaseModel):
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["disaggregated", "aggregated"] = "disaggregated"
+    mode: Literal["disaggregated", "aggregated", "auto"] = Field(
+        "disaggregated", description="auto: disaggregated when the workers have accelerators of their own, else aggregated (choose_mode)",
+    )
     num_prefill: int | ReplicaRange = Field(1, description="prefill replicas (disaggregated mode): a count, or a range {min, max} to autoscale")
     num_decode: int | ReplicaRange = Field(1, description="decode replicas, or aggregated ones in aggregated mode: a count or a range")
     planner: PlannerSettings | None = Field(None, description="scale the roles to SLOs (needs ranges for the roles it scales)")
@@ -181,9 +183,12 @@ class ServeConfig(BaseModel):
         "default: 300 s, or 60 s more than routing.prefill_timeout_s when that is longer",
     )
     app_name: str = "splitserve"
+    _mode_reason: str | None = PrivateAttr(None)  # why mode: auto chose the mode it did
 
     @model_validator(mode="after")
     def _check_mode(self) -> "ServeConfig":
+        if self.mode == "auto":
+            self._resolve_auto()
         if isinstance(self.num_decode, int) and self.num_decode < 1:
             raise ValueError(f"num_decode must be >= 1, got {self.num_decode}")
         for role, replicas in (("num_prefill", self.num_prefill), ("num_decode", self.num_decode)):
@@ -202,6 +207,20 @@ class ServeConfig(BaseModel):
                 "raise reservation_ttl_s or lower prefill_timeout_s"
             )
         return self
+
+    def _resolve_auto(self) -> None:
+        """``mode: auto`` becomes what ``choose_mode`` says; aggregated workers take over the prefill workers' CPUs."""
+        mode, reason = choose_mode(self)
+        self.mode, self._mode_reason = mode, reason
+        if mode == "aggregated":
+            prefill_cpus = self.prefill_resources.num_cpus * self.num_prefill / self.num_decode  # both counts fixed here
+            self.decode_resources = self.decode_resources.model_copy(update={"num_cpus": self.decode_resources.num_cpus + prefill_cpus})
+            self.num_prefill = 0
+
+    @property
+    def mode_reason(self) -> str | None:
+        """Why ``mode: auto`` chose this mode (None when the mode was given)."""
+        return self._mode_reason
 
     @property
     def reservation_ttl_seconds(self) -> float:
@@ -231,23 +250,61 @@ class ServeConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ServeConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
-        return cls.model_validate(data)
+        return cls.model_validate(read_yaml(path))
 
     def with_overrides(self, overrides: dict[str, Any]) -> "ServeConfig":
-        """A copy with dotted-key overrides applied, e.g. {"engine.model": "/ckpt", "num_decode": 2}."""
-        data = self.model_dump()
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            node = data
-            parts = key.split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
-        return type(self).model_validate(data)
+        """A copy with dotted-key overrides applied, e.g. {"engine.model": "/ckpt", "num_decode": 2}. A ``mode: auto``
+        is resolved already: to decide it on overridden resources, ``apply_overrides`` to the raw mapping instead."""
+        return type(self).model_validate(apply_overrides(self.model_dump(), overrides))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a splitserve YAML file; ValueError naming the file when it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each dotted-key override set (None values skipped); ``data`` itself is changed and returned."""
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def choose_mode(cfg: ServeConfig) -> tuple[str, str]:
+    """``mode: auto``: the mode for ``cfg``'s workers and why. Pure: reads the config only.
+
+    Disaggregation pays when each role computes on hardware of its own: a prefill
+    burst then never stalls a decode step, and each side is sized to its load. Where
+    the roles would split one host's CPU cores instead, the prefill worker computes a
+    prompt on a fraction of the cores one aggregated worker would use: measured on a
+    2-core host (docs/benchmarks.md, "Serving at four rates"), a one-core prefill of a
+    1,024-token prompt misses a 3 s TTFT that the two-core aggregated worker meets,
+    and aggregated serving had the higher goodput. So: disaggregated when the workers
+    have GPUs, custom resources placing them, or replica ranges/a planner scaling the
+    roles apart; aggregated on plain CPU workers, one worker per decode replica
+    holding both roles' cores.
+    """
+    if cfg.prefill_resources.num_gpus > 0 or cfg.decode_resources.num_gpus > 0:
+        return "disaggregated", "the workers have GPUs: each role computes on accelerators of its own"
+    if cfg.prefill_resources.resources or cfg.decode_resources.resources:
+        return "disaggregated", "custom resources place the roles' workers"
+    if cfg.planner is not None or isinstance(cfg.num_prefill, ReplicaRange) or isinstance(cfg.num_decode, ReplicaRange):
+        return "disaggregated", "the roles are scaled separately (replica ranges or a planner)"
+    if cfg.num_prefill < 1:
+        return "aggregated", "no prefill workers asked for"
+    return "aggregated", (
+        "CPU workers: the roles would split the same cores, and one worker with all of them prefills faster "
+        "(--mode disaggregated to split anyway)"
+    )

@@ -23,10 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI-compatible server (disaggregated by default)")
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server (the mode chosen from the hardware unless given)")
     p.add_argument("--config", default=None, help="splitserve YAML config (flags below override it)")
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--mode", choices=["disaggregated", "aggregated"], default=None)
+    p.add_argument("--mode", choices=["disaggregated", "aggregated", "auto"], default=None,
+                   help="default: the config file's mode, else disaggregated when --prefill is given, else auto "
+                   "(disaggregated on GPU workers, aggregated on CPU workers; see splitserve.config.choose_mode)")
     p.add_argument("--prefill", default=None, help="prefill replicas: a count (default 1) or a range to autoscale, e.g. 1:4")
     p.add_argument("--decode", default=None, help="decode (or aggregated) replicas: a count (default 1) or a range, e.g. 1:4")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
@@ -49,11 +51,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from splitserve.config import ServeConfig
+    from splitserve.config import ServeConfig, apply_overrides, read_yaml
 
-    base = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    from_file = read_yaml(args.config) if args.config else {}
+    mode = args.mode
+    if mode is None and "mode" not in from_file:
+        mode = "disaggregated" if args.prefill is not None else "auto"
     overrides = {
-        "engine.model": args.model, "mode": args.mode, "num_prefill": _replicas(args.prefill), "num_decode": _replicas(args.decode),
+        "engine.model": args.model, "mode": mode, "num_prefill": _replicas(args.prefill), "num_decode": _replicas(args.decode),
         "http.host": args.host, "http.port": args.port, "http.served_model_name": args.served_model_name,
         "http.api_key": None if args.api_key_file else args.api_key, "http.api_key_file": args.api_key_file,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
@@ -64,7 +69,7 @@ def config_from_args(args: argparse.Namespace):
     }
     if args.mode == "aggregated" and args.prefill is None:
         overrides["num_prefill"] = 0
-    return base.with_overrides(overrides)
+    return ServeConfig.model_validate(apply_overrides(from_file, overrides))
 
 
 LOCAL_ENV = {
@@ -169,7 +174,8 @@ def run_serve(args: argparse.Namespace) -> int:
     start_ray(cfg)
     url = deploy(cfg, args.ready_timeout)
     workers = f"{_shown(cfg.num_prefill)} prefill + {_shown(cfg.num_decode)} decode" if cfg.mode == "disaggregated" else f"{_shown(cfg.num_decode)} aggregated"
-    print(f"splitserve ready at {url}/v1 ({cfg.mode}: {workers} workers); Ctrl-C to stop", flush=True)
+    why = f"; mode auto: {cfg.mode_reason}" if cfg.mode_reason else ""
+    print(f"splitserve ready at {url}/v1 ({cfg.mode}: {workers} workers{why}); Ctrl-C to stop", flush=True)
     stop = {"flag": False}
 
     def _stop(*_: object) -> None:

@@ -1,8 +1,7 @@
-"""One local Ray + Serve for the whole test session, and the applications deployed on it.
+"""One local Ray + Serve for the tests of this package (stopped after its last test), and the applications deployed on it.
 
 Apps share one HTTP proxy under different route prefixes: ``/d11`` (1 prefill +
-1 decode), ``/d21`` (2 prefill + 1 decode), ``/d12`` (1 prefill + 2 decode),
-``/agg`` (1 aggregated worker), ``/faulty`` (2 prefill + 1 decode with failing
+1 decode), ``/d12`` (1 prefill + 2 decode), ``/agg`` (1 aggregated worker), ``/faulty`` (2 prefill + 1 decode with failing
 and slow KV transfers) and ``/slowxfer`` (every transfer held 4 s).
 """
 
@@ -17,7 +16,6 @@ import pytest
 
 APPS = {
     "d11": dict(mode="disaggregated", num_prefill=1, num_decode=1, price_per_accelerator_hour=2.5),
-    "d21": dict(mode="disaggregated", num_prefill=2, num_decode=1),
     "agg": dict(mode="aggregated", num_prefill=0, num_decode=1),
     "faulty": dict(
         mode="disaggregated", num_prefill=2, num_decode=1, transfer_timeout_s=1.0,
@@ -40,7 +38,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_port():
     import ray
     from ray import serve
@@ -72,7 +70,7 @@ def wait_healthy(url: str, timeout_s: float = 180.0) -> None:
     raise TimeoutError(f"{url} not healthy after {timeout_s} s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def apps(serve_port, tiny_model) -> dict[str, str]:
     """Base URLs (…/<prefix>) of the deployed apps, all healthy."""
     from ray import serve

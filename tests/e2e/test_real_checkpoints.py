@@ -3,12 +3,15 @@ and the real default model answers.
 
 For Llama (llama3 rope), Qwen2 (qkv bias, tied, theta 1e6), Qwen3 (q/k norm, yarn)
 and Mistral (GQA 8:1), prompts of 1 to 2,000 tokens through the official ``openai``
-client, on a 1P1D and an aggregated app per architecture. The two config spellings
-are crossed with the two paths (a Latin square: each architecture and each spelling
-goes through both paths), which halves the replicas to start; that the spelling
-cannot change anything past config reading is shown offline by
-``test_both_spellings_read_alike`` (equal ``ModelConfig``). The apps of one
-architecture are deleted before the next start.
+client, on a 1P1D app per architecture: the path whose KV transfer depends on the
+architecture's KV shape. Llama and Qwen3 load the transformers 5 config spelling,
+Qwen2 and Mistral the 4.x one. What is left out is covered elsewhere: the aggregated
+path does not depend on the architecture (it is checked token for token against the
+disaggregated ones in tests/e2e/test_serving.py), every architecture in both
+spellings, all at once and chunked, is checked offline against transformers in
+tests/engine/test_correctness.py, and the two spellings read into equal
+``ModelConfig``s (``test_both_spellings_read_alike``). Each app is deleted before the
+next one starts.
 """
 
 from __future__ import annotations
@@ -55,24 +58,19 @@ def test_served_greedy_matches_transformers(serve_port, checkpoints, legacy_chec
     rng = random.Random(len(arch))
     prompts = [[rng.randrange(5, vocab) for _ in range(n)] for n in PROMPT_LENS]
     expected = [hf_greedy(reference, p, MAX_TOKENS) for p in prompts]
-    spellings = {"v5": reference, "legacy": legacy_checkpoints[arch]}
-    order = ("v5", "legacy") if arch in ("llama", "qwen3") else ("legacy", "v5")
-    urls = {}
-    for spelling, mode in zip(order, ("disaggregated", "aggregated")):
-        name = f"{arch}-{spelling}-{mode[:3]}"
-        urls[name] = _deploy(serve_port, name, spellings[spelling], mode, dtype="float32")
+    spelling = "v5" if arch in ("llama", "qwen3") else "legacy"
+    name = f"{arch}-{spelling}"
+    url = _deploy(serve_port, name, reference if spelling == "v5" else legacy_checkpoints[arch], "disaggregated", dtype="float32")
     try:
-        for name, url in urls.items():
-            wait_healthy(url)
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-            model = client.models.list().data[0].id
-            for prompt, ref in zip(prompts, expected):
-                out = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA)
-                assert out.choices[0].model_extra["token_ids"] == ref, f"{name}: prompt of {len(prompt)} tokens diverged"
-            wait_all_blocks_free(url)
+        wait_healthy(url)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        for prompt, ref in zip(prompts, expected):
+            out = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA)
+            assert out.choices[0].model_extra["token_ids"] == ref, f"{name}: prompt of {len(prompt)} tokens diverged"
+        wait_all_blocks_free(url)
     finally:
-        for name in urls:
-            serve.delete(name)
+        serve.delete(name)
 
 
 def test_default_model_answers_through_1p1d(serve_port):

@@ -58,7 +58,7 @@ def _stream_ids(client: openai.OpenAI, prompt: list[int]) -> tuple[list[int], st
     return ids, "".join(text), finish
 
 
-@pytest.mark.parametrize("app", ["d11", "d21", "agg"])
+@pytest.mark.parametrize("app", ["d11", "d12", "agg"])  # 2 prefill workers: "faulty" (below) and tests/e2e/test_faults.py
 def test_greedy_identical_across_modes(apps, app, prompts, reference):
     client = _client(apps[app])
     for prompt, ref in zip(prompts, reference):
@@ -75,7 +75,7 @@ def test_greedy_identical_across_modes(apps, app, prompts, reference):
 def test_chat_same_text_in_every_mode(apps):
     messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What does disaggregated serving split?"}]
     texts = set()
-    for app in ("d11", "d21", "agg"):
+    for app in ("d11", "d12", "agg"):
         client = _client(apps[app])
         r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
         streamed = "".join(
@@ -89,7 +89,7 @@ def test_chat_same_text_in_every_mode(apps):
 
 
 def test_64_concurrent_streams_complete_and_free_all_blocks(apps, prompts):
-    url = apps["d21"]
+    url = apps["d12"]
 
     async def one(i: int, client: openai.AsyncOpenAI) -> int:
         prompt = prompts[i % 6]  # up to 333 tokens
