@@ -9,6 +9,7 @@ metadata, run the model, return logits for the chunks that sample.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -21,6 +22,24 @@ from splitserve.kernels.invariant_attention import invariant_attention
 
 logger = logging.getLogger(__name__)
 
+# Steps with fewer tokens than this run on ``small_step_threads``: row-few GEMMs (decodes) are memory-bound and
+# short, so a parallel region costs about as much to start as it saves (the same crossover as FP32_MIN_TOKENS).
+SMALL_STEP_TOKENS = 128
+
+
+def off_main_thread_threads(num_threads: int) -> int:
+    """Intra-op threads for a few-token step run off the process's main thread (``AsyncEngine``'s step thread).
+
+    GNU OpenMP counts the main thread among the threads it manages even when it never
+    runs a parallel region; when they outnumber the CPUs it may use, its idle threads
+    stop spinning and sleep after every region, so each of a decode step's ~200 small
+    ops pays a futex wake-up. Measured on 2 CPUs with 2 threads (one SmolLM2 decode
+    step): 52 ms from a worker thread against 38 ms from the main thread, and 46 ms
+    with 1 thread from the worker thread. So keep the team one smaller than the CPUs.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_threads, cpus - 1))
+
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_path: str, model_config: ModelConfig, max_model_len: int):
@@ -28,6 +47,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(cfg, model_config, self.device)
         if cfg.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.num_threads)
+        self.num_threads = torch.get_num_threads()  # for steps of many tokens (prefill)
+        self.small_step_threads = cfg.small_step_threads or self.num_threads
         prefer_flash = cfg.attention_backend in ("auto", "flash")
         self.attention_name, attention = select_attention(self.device, prefer_flash)
         if cfg.attention_backend == "flash" and self.attention_name != "flash":
@@ -106,5 +127,9 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step; float32 logits (on CPU) for the sampling chunks, in ``sched.chunks`` order."""
         input_ids, positions, meta, rows = self._metadata(sched)
+        if self.device.type == "cpu":
+            threads = self.small_step_threads if input_ids.shape[0] < SMALL_STEP_TOKENS else self.num_threads
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         logits = self.model.forward(input_ids, positions, meta, self.kv_cache, rows)
         return logits.cpu() if logits.device.type != "cpu" else logits

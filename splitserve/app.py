@@ -32,6 +32,11 @@ from splitserve.ingress import IngressCore, build_http_app
 from splitserve.prefill.deployment import PrefillDeployment
 from splitserve.scheduler.directory import ServeDirectory
 
+# Ray starts its worker processes at nice 15 (below Ray's own daemons); the processes on the token's path (the
+# engines, the ingress) run at the normal priority instead, or any process at nice 0 on the host (a client, a
+# log shipper) takes their cores first: every step's fork/join then waits for a thread that is not running.
+ON_TOKEN_PATH_ENV = {"RAY_worker_niceness": "0"}
+
 # Serve's own autoscaling target per replica when a role has a range and no planner: a decode replica
 # batches its streams (each is one in-flight request), a prefill replica works through few prompts at once.
 TARGET_ONGOING = {"prefill": 2, "decode": 32}
@@ -59,7 +64,10 @@ def _actor_options(res: WorkerResources, num_threads: int | None) -> dict[str, A
         opts["resources"] = dict(res.resources)
     env = dict(res.runtime_env)
     threads = num_threads or max(1, int(res.num_cpus))
-    env.setdefault("env_vars", {}).setdefault("OMP_NUM_THREADS", str(threads))
+    env_vars = env["env_vars"] = dict(env.get("env_vars") or {})  # a copy: the config's own dict stays as it was
+    env_vars.setdefault("OMP_NUM_THREADS", str(threads))
+    for key, value in ON_TOKEN_PATH_ENV.items():
+        env_vars.setdefault(key, value)
     opts["runtime_env"] = env
     return opts
 
@@ -123,7 +131,8 @@ def build_app(cfg: ServeConfig) -> Application:
             "prefill": _role(PrefillDeployment, "prefill", cfg, "prefill", cfg.prefill_resources, engine),
             "decode": _role(DecodeDeployment, "decode", cfg, "decode", cfg.decode_resources, engine),
         }
-    return IngressDeployment.options(ray_actor_options={"num_cpus": 0}).bind(cfg.model_dump(), workers)
+    ingress_options = {"num_cpus": 0, "runtime_env": {"env_vars": dict(ON_TOKEN_PATH_ENV)}}
+    return IngressDeployment.options(ray_actor_options=ingress_options).bind(cfg.model_dump(), workers)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

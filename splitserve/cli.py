@@ -2,7 +2,7 @@
 
     splitserve make-model DIR [--size tiny|small]   write a random HF checkpoint (no download)
     splitserve generate --prompt "..." [--model DIR] offline generation with the in-process engine
-    splitserve serve [--model DIR] [--mode ...]      the disaggregated OpenAI-compatible server
+    splitserve serve [--model DIR] [--mode ...]      the OpenAI-compatible server (mode auto unless given)
     splitserve top [--url URL]                       a refreshing terminal view of a running server
     splitserve dashboard DIR                         write the Grafana dashboard, alert rules, scrape config
 

@@ -1,8 +1,9 @@
 """End to end on a local Ray: the official ``openai`` client against every deployment shape.
 
-Greedy output is token-identical across disaggregated 1P1D, 2P1D, aggregated and
+Greedy output is token-identical across disaggregated 1P1D, 1P2D, aggregated and
 the offline ``LLM``; 64 concurrent streams complete and leave every KV block
-free; injected transfer failures and delays are retried without leaks.
+free; injected transfer failures and delays are retried without leaks; the processes on the
+token path run at normal priority.
 """
 
 from __future__ import annotations
@@ -146,3 +147,21 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(apps, prompts, reference)
     r = _client(url).completions.create(model="tiny", prompt=prompts[3], max_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA)
     assert r.choices[0].model_extra["token_ids"] == reference[3]
     wait_all_blocks_free(url)
+
+
+def test_the_token_path_runs_at_normal_priority_and_serves_housekeeping_below_it(apps):
+    """Ray starts workers at nice 15; the engines and the ingress ask for 0 (else a client or any other process
+    at 0 takes their cores first), while Serve's controller keeps Ray's low priority."""
+    import os
+
+    import ray
+
+    from benchmarks.fault_drills import replica_pid
+
+    workers = [w["worker_id"] for w in httpx.get(f"{apps['d11']}/admin/workers", timeout=5).json()["workers"]]
+    assert sorted(w.split("-")[0] for w in workers) == ["decode", "prefill"]
+    for name in [*workers, "Ingress"]:
+        assert os.getpriority(os.PRIO_PROCESS, replica_pid("d11", name)) == 0, name
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    controller_pid = ray.get(controller.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
+    assert os.getpriority(os.PRIO_PROCESS, controller_pid) == 15

@@ -55,3 +55,47 @@ def test_coalescing_with_a_consumer_that_keeps_up_still_delivers_every_token(eng
     chunks = asyncio.run(run(engine, "steady", coalesce=True, lag_s=0.0))
     assert [t for c in chunks for t in c.new_token_ids] == [t for c in plain for t in c.new_token_ids]
     assert all(c.new_token_ids for c in chunks) and chunks[-1].finished
+
+
+def test_off_the_main_thread_small_steps_leave_a_cpu_to_the_main_thread(monkeypatch):
+    """GNU OpenMP counts the (idle) main thread: a step thread's team as large as the CPUs makes it sleep between ops."""
+    from splitserve.engine import model_runner
+
+    monkeypatch.setattr(model_runner.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert [model_runner.off_main_thread_threads(n) for n in (1, 2, 4)] == [1, 1, 1]
+    monkeypatch.setattr(model_runner.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert [model_runner.off_main_thread_threads(n) for n in (1, 2, 8, 16)] == [1, 2, 8, 15]
+
+
+def _greedy_ids(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
+    req_id = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    ids: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.req_id == req_id and out.finished:
+                ids = out.token_ids
+    return ids
+
+
+def test_steps_run_on_the_threads_their_size_calls_for(tiny_model):
+    """Decode steps use ``small_step_threads``, prefill steps of many tokens ``num_threads``; the output does not change."""
+    import threading
+
+    import torch
+
+    prompt = list(range(5, 300))
+    engine = LLMEngine(EngineConfig(model=tiny_model, dtype="float32", num_kv_blocks=64, num_threads=2, small_step_threads=1))
+    forward, seen = engine.runner.model.forward, []
+
+    def spy(input_ids, *args):
+        seen.append((input_ids.shape[0], torch.get_num_threads()))
+        return forward(input_ids, *args)
+
+    engine.runner.model.forward = spy
+    out: list[list[int]] = []
+    step_thread = threading.Thread(target=lambda: out.append(_greedy_ids(engine, prompt, 3)))  # as AsyncEngine steps
+    step_thread.start()
+    step_thread.join()
+    assert seen == [(295, 2), (1, 1), (1, 1)]
+    reference = LLMEngine(EngineConfig(model=tiny_model, dtype="float32", num_kv_blocks=64, num_threads=2))
+    assert out == [_greedy_ids(reference, prompt, 3)] and len(out[0]) == 3
