@@ -290,8 +290,9 @@ def choose_mode(cfg: ServeConfig) -> tuple[str, str]:
     the roles would split one host's CPU cores instead, the prefill worker computes a
     prompt on a fraction of the cores one aggregated worker would use: measured on a
     2-core host (docs/benchmarks.md, "Serving at four rates"), a one-core prefill of a
-    1,024-token prompt misses a 3 s TTFT that the two-core aggregated worker meets,
-    and aggregated serving had the higher goodput. So: disaggregated when the workers
+    1,024-token prompt misses a 3 s TTFT that the two-core aggregated worker meets, and
+    the aggregated deployment had the higher goodput at 0.25 req/s in both runs (its
+    ITL p99 is the price: prefills stall its streams). So: disaggregated when the workers
     have GPUs, custom resources placing them, or replica ranges/a planner scaling the
     roles apart; aggregated on plain CPU workers, one worker per decode replica
     holding both roles' cores.
