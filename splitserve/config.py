@@ -187,10 +187,10 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_mode(self) -> "ServeConfig":
-        if self.mode == "auto":
-            self._resolve_auto()
         if isinstance(self.num_decode, int) and self.num_decode < 1:
             raise ValueError(f"num_decode must be >= 1, got {self.num_decode}")
+        if self.mode == "auto":
+            self._resolve_auto()
         for role, replicas in (("num_prefill", self.num_prefill), ("num_decode", self.num_decode)):
             if isinstance(replicas, ReplicaRange) and replicas.min < 1:
                 # the pairing policy serves around a role with no replica (degraded mode), so neither Serve's

@@ -56,6 +56,8 @@ def test_a_given_mode_is_kept_and_auto_is_gone_after_validation():
     again = ServeConfig.model_validate(resolved.model_dump())  # what the ingress replica receives
     assert (again.mode, again.decode_resources.num_cpus, again.num_prefill) == ("aggregated", 2.0, 0)
     assert choose_mode(ServeConfig(num_prefill=1))[0] == "aggregated"
+    with pytest.raises(ValueError, match="num_decode must be >= 1"):
+        ServeConfig(mode="auto", num_decode=0)
 
 
 def test_splitserve_serve_defaults_to_auto_unless_told(tmp_path):
