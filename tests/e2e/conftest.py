@@ -1,8 +1,10 @@
-"""One local Ray + Serve for the tests of this package (stopped after its last test), and the applications deployed on it.
+"""One local Ray + Serve for the tests of this package (stopped after its last test, so its
+idle replicas do not share the cores with the tests that follow), and the apps deployed on it.
 
 Apps share one HTTP proxy under different route prefixes: ``/d11`` (1 prefill +
-1 decode), ``/d12`` (1 prefill + 2 decode), ``/agg`` (1 aggregated worker), ``/faulty`` (2 prefill + 1 decode with failing
-and slow KV transfers) and ``/slowxfer`` (every transfer held 4 s).
+1 decode), ``/d12`` (1 prefill + 2 decode), ``/agg`` (1 aggregated worker),
+``/faulty`` (2 prefill + 1 decode with failing and slow KV transfers) and
+``/slowxfer`` (every transfer held 4 s).
 """
 
 from __future__ import annotations
