@@ -50,6 +50,13 @@ def own(aio):
     aio.run(stop_workers(made))
 
 
+def held_prefill(own: list, model: str, name: str, delay_s: float, transfer_timeout_s: float):
+    """A prefill worker of this test's own whose every KV transfer is held back ``delay_s``."""
+    worker = make_prefill(model, name, delay_fraction=1.0, delay_s=delay_s, transfer_timeout_s=transfer_timeout_s)
+    own.append(worker)
+    return worker
+
+
 def retries(s: Stack, reason: str) -> float:
     return metric_value(s.metrics_text(), "splitserve_request_retries_total", reason=reason) or 0.0
 

@@ -19,7 +19,7 @@ from splitserve.router import RequestFailed
 from splitserve.scheduler import NoWorkerAvailable, PromptTooLarge
 from tests.splitserve.conftest import Stack, collect, greedy, make_decode, make_prefill, metric_value, settle
 from tests.splitserve.router_helpers import (  # noqa: F401 - shared, own and cold_caches are fixtures
-    MAX_TOKENS, PROMPTS, STALE_VIEW, cold_caches, expect_reference, own, retries, routed, shared,
+    MAX_TOKENS, PROMPTS, STALE_VIEW, cold_caches, expect_reference, held_prefill, own, retries, routed, shared,
 )
 
 pytestmark = pytest.mark.engine
@@ -92,8 +92,7 @@ def test_all_transfers_failing_fall_back_to_local_prefill_on_decode(aio, shared,
 
 def test_transfer_timeout_is_bounded_and_falls_back(aio, shared, own, tiny_model, reference):
     """A transfer held back 2 s with a 0.5 s timeout: cancelled, D's blocks freed, request served locally."""
-    slow = make_prefill(tiny_model, "prefill-0-slow", delay_fraction=1.0, delay_s=2.0, transfer_timeout_s=0.5)
-    own.append(slow)
+    slow = held_prefill(own, tiny_model, "prefill-0-slow", 2.0, 0.5)
     d = shared["d"]
 
     async def body():
@@ -116,8 +115,7 @@ def test_transfer_timeout_is_bounded_and_falls_back(aio, shared, own, tiny_model
 
 
 def test_slow_transfer_within_timeout_is_not_retried(aio, shared, own, tiny_model, reference):
-    slow = make_prefill(tiny_model, "prefill-0-lag", delay_fraction=1.0, delay_s=0.3, transfer_timeout_s=5.0)
-    own.append(slow)
+    slow = held_prefill(own, tiny_model, "prefill-0-lag", 0.3, 5.0)
     d = shared["d"]
 
     async def body():

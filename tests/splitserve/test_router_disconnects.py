@@ -11,8 +11,8 @@ import uuid
 import pytest
 
 from splitserve.router import RoutedRequest
-from tests.splitserve.conftest import Stack, collect, greedy, make_prefill, metric_value, settle, worker_is_idle
-from tests.splitserve.router_helpers import MAX_TOKENS, PROMPTS, cold_caches, own, shared  # noqa: F401 - fixtures
+from tests.splitserve.conftest import Stack, collect, greedy, metric_value, settle, worker_is_idle
+from tests.splitserve.router_helpers import MAX_TOKENS, PROMPTS, cold_caches, held_prefill, own, shared  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.engine
 
@@ -57,8 +57,7 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(aio, shared, tiny_
 
 def test_client_disconnect_during_prefill_releases_everything(aio, shared, own, tiny_model, reference):
     """Cancelled while P's transfer is still held back: P's blocks and D's reservation are freed, no late write."""
-    slow = make_prefill(tiny_model, "prefill-0-stall", delay_fraction=1.0, delay_s=1.0, transfer_timeout_s=10.0)
-    own.append(slow)
+    slow = held_prefill(own, tiny_model, "prefill-0-stall", 1.0, 10.0)
     d = shared["d"]
 
     async def body():
