@@ -17,6 +17,7 @@ from splitserve.engine.batch_scheduler import SchedulerOutput
 from splitserve.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_num_blocks
 from splitserve.engine.model import LlamaModel
 from splitserve.engine.model_config import ModelConfig
+from splitserve.engine.openmp import llvm_openmp_loaded
 from splitserve.kernels import FLASH_BLOCK_SIZE_MULTIPLE, AttentionMetadata, PrefillChunk, kv_cache_shape, select_attention
 from splitserve.kernels.invariant_attention import invariant_attention
 
@@ -35,8 +36,11 @@ def off_main_thread_threads(num_threads: int) -> int:
     stop spinning and sleep after every region, so each of a decode step's ~200 small
     ops pays a futex wake-up. Measured on 2 CPUs with 2 threads (one SmolLM2 decode
     step): 52 ms from a worker thread against 38 ms from the main thread, and 46 ms
-    with 1 thread from the worker thread. So keep the team one smaller than the CPUs.
+    with 1 thread from the worker thread. So keep the team one smaller than the CPUs, unless an
+    LLVM OpenMP runtime serves the process (``engine.openmp``: it has no such penalty).
     """
+    if llvm_openmp_loaded():
+        return num_threads
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(num_threads, cpus - 1))
 

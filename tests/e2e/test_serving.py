@@ -165,3 +165,17 @@ def test_the_token_path_runs_at_normal_priority_and_serves_housekeeping_below_it
     controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
     controller_pid = ray.get(controller.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
     assert os.getpriority(os.PRIO_PROCESS, controller_pid) == 15
+
+
+def test_engines_run_their_ops_on_llvm_openmp_where_installed(apps):
+    """The engines' processes start with the LLVM OpenMP runtime preloaded (``engine.openmp``); the ingress does no
+    tensor work and keeps its plain environment."""
+    from benchmarks.fault_drills import replica_pid
+    from splitserve.engine.openmp import llvm_openmp_library, llvm_openmp_loaded
+
+    if llvm_openmp_library() is None:
+        pytest.skip("no LLVM OpenMP runtime installed (the `cpu` extra)")
+    workers = [w["worker_id"] for w in httpx.get(f"{apps['d11']}/admin/workers", timeout=5).json()["workers"]]
+    assert len(workers) == 2
+    for name in [*workers, "Ingress"]:
+        assert llvm_openmp_loaded(f"/proc/{replica_pid('d11', name)}/maps") is (name != "Ingress"), name

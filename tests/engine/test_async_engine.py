@@ -61,10 +61,14 @@ def test_off_the_main_thread_small_steps_leave_a_cpu_to_the_main_thread(monkeypa
     """GNU OpenMP counts the (idle) main thread: a step thread's team as large as the CPUs makes it sleep between ops."""
     from splitserve.engine import model_runner
 
+    monkeypatch.setattr(model_runner, "llvm_openmp_loaded", lambda: False)
     monkeypatch.setattr(model_runner.os, "sched_getaffinity", lambda pid: {0, 1})
     assert [model_runner.off_main_thread_threads(n) for n in (1, 2, 4)] == [1, 1, 1]
     monkeypatch.setattr(model_runner.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert [model_runner.off_main_thread_threads(n) for n in (1, 2, 8, 16)] == [1, 2, 8, 15]
+    # LLVM's OpenMP runtime keeps its team spinning whatever the count: every CPU works
+    monkeypatch.setattr(model_runner, "llvm_openmp_loaded", lambda: True)
+    assert [model_runner.off_main_thread_threads(n) for n in (1, 2, 16)] == [1, 2, 16]
 
 
 def _greedy_ids(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[int]:
