@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.rope import RotaryEmbedding, apply_rotary
 from splitserve.engine.weights import ModelWeights, load_weights
-from splitserve.kernels import AttentionFn, AttentionMetadata, write_kv
+from splitserve.kernels import AttentionFn, AttentionMetadata
+from splitserve.kernels.cache_ops import cache_rows, write_kv_rows
 from splitserve.kernels.invariant_linear import LinearFn, invariant_linear
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ class LlamaModel:
         num_qk_heads = cfg.num_heads + cfg.num_kv_heads
         cos, sin = self.rope.tables(positions)
         h = w.embed[input_ids].to(act_dtype)  # float32 steps keep the residual stream in float32 too
+        rows = cache_rows(kv_cache, meta.slot_mapping)  # where the step's K/V go, the same for every layer
         for i, (layer, lin) in enumerate(zip(w.layers, self.linears)):
             qkv = lin.qkv(rms_norm(h, layer.input_norm, eps, act_dtype))
             # q and k sit side by side in qkv: (normalise and) rotate both heads' worth in one pass
@@ -196,7 +198,7 @@ class LlamaModel:
             qk = apply_rotary(qk, cos, sin)
             q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            write_kv(kv_cache, i, k, v, meta.slot_mapping)
+            write_kv_rows(kv_cache, i, k, v, rows)
             attn = self.attention(q, k, v, kv_cache, i, meta, self.scale)
             h += lin.o_proj(attn.reshape(num_tokens, self.q_size))
             gate, up = lin.gate_up(rms_norm(h, layer.post_norm, eps, act_dtype)).chunk(2, dim=-1)

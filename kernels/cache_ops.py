@@ -22,13 +22,29 @@ def kv_cache_shape(num_blocks: int, num_layers: int, block_size: int, num_kv_hea
     return (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
 
 
+def cache_rows(kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Each slot's row for layer 0's K in the cache seen as token rows ``[-1, num_kv_heads * head_dim]``.
+
+    The same for every layer (layer ``l``'s K is ``2 * l * block_size`` rows further, its V
+    ``block_size`` more), so a step computes it once and each layer's write is two row copies.
+    """
+    _, num_layers, _, block_size, _, _ = kv_cache.shape
+    block_ids = torch.div(slot_mapping, block_size, rounding_mode="floor")
+    return block_ids * (num_layers * 2 * block_size) + (slot_mapping - block_ids * block_size)
+
+
+def write_kv_rows(kv_cache: torch.Tensor, layer: int, key: torch.Tensor, value: torch.Tensor, rows: torch.Tensor) -> None:
+    """Store ``key``/``value`` ([num_tokens, num_kv_heads, head_dim]) for ``layer`` at the slots ``rows`` (``cache_rows``) name."""
+    _, _, _, block_size, kvh, d = kv_cache.shape
+    token_rows = kv_cache.view(-1, kvh * d)
+    key_rows = rows + 2 * layer * block_size
+    token_rows.index_copy_(0, key_rows, key.reshape(-1, kvh * d).to(kv_cache.dtype))
+    token_rows.index_copy_(0, key_rows + block_size, value.reshape(-1, kvh * d).to(kv_cache.dtype))
+
+
 def write_kv(kv_cache: torch.Tensor, layer: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store ``key``/``value`` ([num_tokens, num_kv_heads, head_dim]) at their slots for ``layer``."""
-    block_size = kv_cache.shape[3]
-    block_ids = torch.div(slot_mapping, block_size, rounding_mode="floor")
-    offsets = slot_mapping - block_ids * block_size
-    kv_cache[block_ids, layer, 0, offsets] = key.to(kv_cache.dtype)
-    kv_cache[block_ids, layer, 1, offsets] = value.to(kv_cache.dtype)
+    write_kv_rows(kv_cache, layer, key, value, cache_rows(kv_cache, slot_mapping))
 
 
 def _gather_blocks(kv_cache: torch.Tensor, layer: int, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
