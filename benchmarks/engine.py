@@ -20,6 +20,9 @@ run. Times are medians of ``--repeats`` after a warm-up (offline: ``--offline-re
 
     python benchmarks/engine.py
     python benchmarks/engine.py --threads 1 --offline-prompts 8 --hf-sequential 0
+    SPLITSERVE_OPENMP=gnu python benchmarks/engine.py   # torch's GNU OpenMP instead of the workers' runtime
+
+It runs on the OpenMP runtime the serving workers preload (``engine/openmp.py``), re-starting itself with it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import best_time, load_average, machine_lines, markdown_table, median_time, timed
+from common import best_time, load_average, machine_lines, markdown_table, median_time, on_workers_openmp, timed
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.model_config import ModelConfig
@@ -214,6 +217,7 @@ def deterministic_rows(args, mc: ModelConfig, llm: LLM, rng: random.Random, pref
 
 def main() -> None:
     args = parse_args()
+    on_workers_openmp()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if args.model is None:
