@@ -49,10 +49,10 @@ def machine_lines(num_threads: int, openmp: bool = True) -> list[str]:
     """Markdown bullet lines: CPU, cores, ISA, torch version, threads (and this process's OpenMP runtime), load, command."""
     import torch
 
-    flags = cpu_flags()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     from splitserve.engine.openmp import llvm_openmp_loaded
 
+    flags = cpu_flags()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     runtime = "LLVM's (preloaded, as in the serving workers)" if llvm_openmp_loaded() else "GNU (torch's own)"
     return [
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores visible ({', '.join(isa) or 'no AVX flags found'})",
@@ -62,7 +62,7 @@ def machine_lines(num_threads: int, openmp: bool = True) -> list[str]:
     ]
 
 
-def on_workers_openmp(argv: list[str] | None = None) -> None:
+def on_workers_openmp() -> None:
     """Re-run this process with the OpenMP runtime the engine workers preload (``splitserve.engine.openmp``), so a
     benchmark measures the engine as it serves; a no-op where none is installed, it is loaded, or ``SPLITSERVE_OPENMP=gnu``."""
     from splitserve.engine.openmp import llvm_openmp_library, llvm_openmp_loaded, openmp_env
@@ -71,7 +71,7 @@ def on_workers_openmp(argv: list[str] | None = None) -> None:
     if library is None or llvm_openmp_loaded():
         return
     env = {**os.environ, **openmp_env(library, os.environ.get("LD_PRELOAD", ""))}
-    os.execve(sys.executable, [sys.executable, *(sys.argv if argv is None else argv)], env)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def command_line() -> str:

@@ -40,8 +40,8 @@ ON_TOKEN_PATH_ENV = {"RAY_worker_niceness": "0"}
 
 
 def engine_openmp_env(env_vars: dict[str, str]) -> dict[str, str]:
-    """The engines' OpenMP runtime (``engine.openmp``): LLVM's where one is installed, found here, on the driver
-    (a cluster's nodes share its image); an operator's ``LD_PRELOAD`` in the worker env is kept after it."""
+    """The engines' OpenMP runtime (``engine.openmp``): LLVM's where one is installed, looked up where the app is
+    built (a cluster's nodes share that image and path); an operator's ``LD_PRELOAD`` in the worker env follows it."""
     return openmp_env(llvm_openmp_library(), env_vars.get("LD_PRELOAD", ""))
 
 

@@ -60,3 +60,18 @@ def test_a_process_started_with_the_env_runs_torch_on_the_runtime_and_computes_t
     preloaded = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert plain[:2] == ["False", "2"] and preloaded[:2] == ["True", "2"]
     assert abs(float(plain[2]) - float(preloaded[2])) <= 1e-3 * max(1.0, abs(float(plain[2])))
+
+
+def test_worker_actor_options_preload_the_runtime_and_keep_an_operators_env(monkeypatch):
+    from splitserve import app
+    from splitserve.config import WorkerResources
+
+    monkeypatch.setattr(app, "llvm_openmp_library", lambda: "/venv/lib/libiomp5.so")
+    own = WorkerResources(num_cpus=2, runtime_env={"env_vars": {"LD_PRELOAD": "/x/libjemalloc.so", "KMP_BLOCKTIME": "5"}})
+    env_vars = app._actor_options(own, None)["runtime_env"]["env_vars"]
+    assert (env_vars["LD_PRELOAD"], env_vars["KMP_BLOCKTIME"]) == ("/venv/lib/libiomp5.so:/x/libjemalloc.so", "5")
+    assert own.runtime_env["env_vars"]["LD_PRELOAD"] == "/x/libjemalloc.so"  # the config's own dict is untouched
+    plain = app._actor_options(WorkerResources(num_cpus=1), None)["runtime_env"]["env_vars"]
+    assert (plain["LD_PRELOAD"], plain["KMP_BLOCKTIME"]) == ("/venv/lib/libiomp5.so", openmp.KMP_BLOCKTIME_MS)
+    monkeypatch.setattr(app, "llvm_openmp_library", lambda: None)  # none installed, or SPLITSERVE_OPENMP=gnu
+    assert not {"LD_PRELOAD", "KMP_BLOCKTIME"} & set(app._actor_options(WorkerResources(num_cpus=1), None)["runtime_env"]["env_vars"])
