@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 from splitserve.engine.aio import cancel_and_wait
 from splitserve.engine.llm_engine import LLMEngine
-from splitserve.engine.model_runner import off_main_thread_threads
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -43,9 +42,7 @@ class EngineStopped(RuntimeError):
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        runner = engine.runner
-        if engine.cfg.small_step_threads is None and runner.device.type == "cpu":  # steps run on the thread below
-            runner.small_step_threads = off_main_thread_threads(runner.num_threads)
+        engine.runner.steps_off_main_thread()  # every step runs on the executor's thread below
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._ops: list[tuple[Callable[[], Any], asyncio.Future]] = []
         self._ops_lock = threading.Lock()

@@ -37,8 +37,8 @@ class EngineConfig(BaseModel):
     seed: int = 0
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; None = torch's default")
     small_step_threads: int | None = Field(
-        None, ge=1, description="intra-op threads for steps of few tokens (decodes) on CPU; None = num_threads, or fewer when the "
-        "engine steps off the main thread and would fill every CPU (see splitserve.engine.model_runner.off_main_thread_threads)",
+        None, ge=1, description="intra-op threads for steps of few tokens (decodes) on CPU; None = num_threads, or one fewer "
+        "than the CPUs when the engine steps off the main thread under GNU OpenMP (splitserve.engine.model_runner.off_main_thread_threads)",
     )
     deterministic: bool = Field(False, description="batch-invariant numerics: a request's output does not depend on what runs beside it")
 

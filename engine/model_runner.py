@@ -52,6 +52,7 @@ class ModelRunner:
         if cfg.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.num_threads)
         self.num_threads = torch.get_num_threads()  # for steps of many tokens (prefill)
+        self._small_steps_fixed = cfg.small_step_threads is not None
         self.small_step_threads = cfg.small_step_threads or self.num_threads
         prefer_flash = cfg.attention_backend in ("auto", "flash")
         self.attention_name, attention = select_attention(self.device, prefer_flash)
@@ -127,6 +128,12 @@ class ModelRunner:
             meta,
             torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
+
+    def steps_off_main_thread(self) -> None:
+        """The caller runs ``execute`` from a thread other than the main one: size few-token steps for that
+        (``off_main_thread_threads``), unless the config fixed ``small_step_threads``."""
+        if not self._small_steps_fixed and self.device.type == "cpu":
+            self.small_step_threads = off_main_thread_threads(self.num_threads)
 
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step; float32 logits (on CPU) for the sampling chunks, in ``sched.chunks`` order."""

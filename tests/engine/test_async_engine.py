@@ -103,3 +103,16 @@ def test_steps_run_on_the_threads_their_size_calls_for(tiny_model):
     assert seen == [(295, 2), (1, 1), (1, 1)]
     reference = LLMEngine(EngineConfig(model=tiny_model, dtype="float32", num_kv_blocks=64, num_threads=2))
     assert out == [_greedy_ids(reference, prompt, 3)] and len(out[0]) == 3
+
+
+def test_an_async_engine_sizes_few_token_steps_for_its_step_thread_unless_configured(tiny_model, monkeypatch):
+    from splitserve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "off_main_thread_threads", lambda n: n + 100)  # marks the policy's answer
+    sized = LLMEngine(EngineConfig(model=tiny_model, dtype="float32", num_kv_blocks=16, num_threads=2))
+    assert sized.runner.small_step_threads == 2  # offline (main thread): every thread
+    AsyncEngine(sized)
+    assert sized.runner.small_step_threads == 102
+    fixed = LLMEngine(EngineConfig(model=tiny_model, dtype="float32", num_kv_blocks=16, num_threads=2, small_step_threads=1))
+    AsyncEngine(fixed)
+    assert fixed.runner.small_step_threads == 1
