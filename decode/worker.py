@@ -11,7 +11,10 @@ scaled down drains it instead of dropping it):
      those blocks; the NIXL notification ``[req_id, first_token]`` ends the wait
      (bounded by ``kv_wait_timeout_s``).
   3. running: the sequence joins the continuous batch with its first token and
-     decodes one token per step; ``OutputChunk`` items stream back.
+     decodes one token per step; its ``OutputChunk``s stream back on this call,
+     or, when the call names a ``feed_id``, on the ingress's token feed (one item
+     per step for all its requests; ``splitserve.token_feed``), and the call ends
+     with the request.
   4. finished / aborted: blocks return to the pool (prompt blocks stay as
      prefix cache).
 
@@ -125,9 +128,10 @@ class DecodeWorker(EngineWorker):
             self._waiters.pop(req_id, None)
 
     # ---- generation --------------------------------------------------------------
-    async def serve_prefilled(self, req: GenerateRequest) -> AsyncIterator[Reservation | OutputChunk]:
+    async def serve_prefilled(self, req: GenerateRequest, feed_id: str | None = None) -> AsyncIterator[Reservation | OutputChunk]:
         """Reserve blocks for ``req``'s prompt (the first item: a ``Reservation``; the leading blocks this worker
-        already caches are reused and never written into), wait for its KV, then stream its ``OutputChunk``s."""
+        already caches are reused and never written into), wait for its KV, then stream its ``OutputChunk``s
+        (here, or on the token feed ``feed_id``)."""
         req_id, prompt = req.req_id, req.prompt_token_ids
         k, blocks = await self._reserve(req_id, len(prompt), lambda: self.engine.reserve_prompt(req_id, prompt))
         self.num_requests += 1
@@ -140,7 +144,7 @@ class DecodeWorker(EngineWorker):
             self._reserved_at.pop(req_id, None)
             add = lambda: self.engine.add_prefilled_request(req_id, prompt, first_token, req.params, priority=req.priority)  # noqa: E731
             streaming = True  # from here ``_stream`` counts a failure
-            async for chunk in self._stream(req_id, add, start):
+            async for chunk in self._stream(req_id, add, start, feed_id):
                 finished = chunk.finished
                 yield chunk
         except BaseException:

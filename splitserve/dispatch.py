@@ -1,11 +1,14 @@
 """One attempt at serving a request on the workers a decision names: reserve, prefill, transfer, stream.
 
-``Dispatcher.attempt(req, decision, resume)`` yields the worker's ``OutputChunk``s:
+``Dispatcher.attempt(req, decision, resume)`` yields the worker's ``OutputChunk``s,
+which come on the worker's token feed (``splitserve.feed_reader``: one item per
+engine step for all this ingress's requests there), while the request's own
+call to the worker lasts as long as the request and brings its error, if any:
 
 * remote prefill: one stream from D, ``serve_prefilled``: its first item is the
   ``Reservation`` of blocks for the prompt (``WorkerBusy``: back-pressure); the
-  router then has P prefill and write the KV into them over NIXL, and the rest of
-  D's stream is the tokens (the first one must be the token P sampled);
+  router then has P prefill and write the KV into them over NIXL, and D decodes
+  (the first token must be the one P sampled);
 * local: stream ``generate`` from the one worker (aggregated, conditional
   disaggregation, a fallback, or a prefill worker in degraded mode);
 * resumed: stream ``resume`` from the one worker (a migration, ``ResumeRequest``).
@@ -26,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from splitserve.cleanup import Janitor
+from splitserve.feed_reader import FeedEnded, FeedReaders, Subscription, cancel_call
 from splitserve.worker_messages import GenerateRequest, OutputChunk, PrefillRequest, PrefillResult, Reservation, ResumeRequest
-from splitserve.failures import describe, is_worker_death
+from splitserve.failures import WorkerDied, describe, is_worker_death
 from splitserve.metrics import Metrics
 from splitserve.scheduler import PairDecision, QueueWaitEstimator, WorkerBusy
 from splitserve.scheduler.worker_registry import WorkerRegistry
@@ -41,9 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-class WorkerDied(RuntimeError):
-    """A call gave up on a worker that another call found dead (``failures.is_worker_death`` knows the name)."""
+# a request's call ended but its last chunk has not come on the feed after this long: the feed lost it
+FEED_END_GRACE_S = 5.0
 
 
 class RetryableError(Exception):
@@ -67,6 +71,7 @@ class Dispatcher:
         self.prefill_timeout_s = prefill_timeout_s
         self.call_timeout_s = call_timeout_s
         self.admission = admission
+        self.feeds = FeedReaders(uuid.uuid4().hex, death_signal=registry.death_signal)
 
     def note_failure(self, worker_id: str, e: BaseException) -> None:
         """Route around a worker that died (until it reports again) or did not answer in time (until its next poll)."""
@@ -117,7 +122,7 @@ class Dispatcher:
         finally:
             if not task.done():
                 task.cancel()
-                _cancel(call)
+                cancel_call(call)
         if task in done:
             return task.result()
         if dead in done:
@@ -133,7 +138,7 @@ class Dispatcher:
         try:
             result: PrefillResult = await self._unless_dead(p_id, call, self.prefill_timeout_s)
         except BaseException as e:
-            _cancel(call)
+            cancel_call(call)
             if not isinstance(e, Exception):
                 raise
             self.note_failure(p_id, e)
@@ -149,35 +154,34 @@ class Dispatcher:
         self, handle: Any, method: str, msg: Any, req_id: str, worker_id: str,
         on_first: Callable[[Reservation], Awaitable[int]] | None = None,
     ) -> AsyncIterator[OutputChunk]:
-        """Stream ``method`` from one worker. With ``on_first`` the stream opens with a ``Reservation``, handed to
-        ``on_first`` (the prefill), whose first token the first chunk must carry. Whatever ends the stream early,
-        the request is aborted on the worker (unless it died), which also frees a reservation."""
-        gen = getattr(handle.options(stream=True), method).remote(msg)
+        """Start ``method`` on one worker with this ingress's feed and yield the request's chunks from the feed.
+        With ``on_first`` the call opens with a ``Reservation``, handed to ``on_first`` (the prefill), whose first
+        token the first chunk must carry. Whatever ends the stream early, the request is aborted on the worker
+        (unless it died), which also frees a reservation."""
+        inbox = self.feeds.subscribe(worker_id, handle, req_id)  # before the call: no chunk can come first
+        call = getattr(handle.options(stream=True), method).remote(msg, self.feeds.feed_id)
         finished = died = False
+        watcher = None
         try:
-            first = self._unless_dead(worker_id, gen.__anext__(), self.call_timeout_s if on_first else None)
             if on_first is not None:
                 try:
-                    reservation = await first
+                    reservation = await self._unless_dead(worker_id, call.__anext__(), self.call_timeout_s)
                 except Exception as e:
                     died = is_worker_death(e)
                     self.note_failure(worker_id, e)
                     reason = "decode_busy" if isinstance(e, WorkerBusy) else "reserve_failed"
                     raise RetryableError(reason, worker_id, e, self.call_timeout_s) from e
                 first_token = await on_first(reservation)
-                first = gen.__anext__()
-            waiting = first
-            while True:
-                try:
-                    chunk = await waiting
-                except StopAsyncIteration:
-                    break
+            watcher = asyncio.ensure_future(_watch(call, inbox, worker_id))
+            while not finished:
+                chunk = await inbox.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
                 if on_first is not None and chunk.new_token_ids and chunk.num_output_tokens == len(chunk.new_token_ids):
                     if chunk.new_token_ids[0] != first_token:  # what P sampled must be what D starts from
                         raise RuntimeError(f"{req_id}: {worker_id} started from token {chunk.new_token_ids[0]}, the prefill sampled {first_token}")
                 finished = chunk.finished
                 yield chunk
-                waiting = gen.__anext__()
         except RetryableError:
             raise
         except Exception as e:
@@ -185,8 +189,11 @@ class Dispatcher:
             self.note_failure(worker_id, e)
             raise
         finally:
+            inbox.close()
+            if watcher is not None:
+                watcher.cancel()
             if not finished:
-                _cancel(gen)
+                cancel_call(call)
                 if not died:
                     await self.abort(handle, worker_id, req_id)
 
@@ -195,14 +202,18 @@ class Dispatcher:
         await self.janitor.run("abort", f"{req_id} on {worker_id}", lambda: _as_awaitable(handle.abort.remote(req_id)))
 
 
+async def _watch(call: Any, inbox: Subscription, worker_id: str) -> None:
+    """Wait for the end of a request's own call (its chunks come on the feed): its error goes to the request's
+    inbox; a call that ended well must see its last chunk come on the feed within ``FEED_END_GRACE_S``."""
+    try:
+        async for _ in call:
+            pass
+    except Exception as e:
+        inbox.put(e)
+        return
+    await asyncio.sleep(FEED_END_GRACE_S)
+    inbox.put(FeedEnded(f"{worker_id} finished {inbox.req_id}, but its last tokens never came on the token feed"))
+
+
 async def _as_awaitable(call: Any) -> Any:
     return await call
-
-
-def _cancel(call: Any) -> None:
-    cancel = getattr(call, "cancel", None)
-    if cancel is not None:
-        try:
-            cancel()
-        except Exception:
-            pass

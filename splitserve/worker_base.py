@@ -21,6 +21,11 @@ Any worker can also serve a whole request (``generate``: prefill and decode here
 and take over a request whose decode worker died mid-stream (``resume``: prompt +
 the tokens already streamed are prefilled here, and the stream goes on). A
 consumer that stops early aborts the request, which frees its blocks.
+
+Tokens go back on the request's own stream, or, when the call names a
+``feed_id``, on that ingress's token feed (``feed``; ``splitserve.token_feed``):
+one item per engine step for all its requests, while the request's own call
+only lasts as long as the request (and ends with its error, if any).
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.block_pool import WorkerBusy
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.token_feed import FeedHub
 from splitserve.transfer import make_transfer_agent
-from splitserve.worker_messages import GenerateRequest, OutputChunk, ResumeRequest, WorkerStats
+from splitserve.worker_messages import GenerateRequest, OutputChunk, ResumeRequest, TokenBatch, WorkerStats
 from splitserve.worker_metrics import BusyMeter, WorkerMeters
 
 __all__ = ["EngineWorker", "WorkerBusy", "WorkerOptions", "own_worker_id"]
@@ -129,6 +135,7 @@ class EngineWorker:
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
         self._seq = 0
+        self.feeds = FeedHub()
         logger.info("%s worker %s ready (pid %d, %d KV blocks); cold start %s", self.role, self.worker_id, os.getpid(),
                     self.engine.pool.num_blocks, self.startup)
 
@@ -198,14 +205,20 @@ class EngineWorker:
         return await self.aengine.abort(req_id)
 
     # ---- whole requests here -----------------------------------------------------
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[OutputChunk]:
+    async def feed(self, feed_id: str) -> AsyncIterator[TokenBatch]:
+        """The token feed ``feed_id``: each engine step's chunks of the requests started with it (one reader at a
+        time: a new one takes over)."""
+        async for batch in self.feeds.read(feed_id):
+            yield batch
+
+    async def generate(self, req: GenerateRequest, feed_id: str | None = None) -> AsyncIterator[OutputChunk]:
         """Prefill and decode here: aggregated mode, short prompts, fallbacks, and degraded mode
         (a prefill worker serving whole requests while no decode worker is healthy)."""
         add = lambda: self.engine.add_request(req.prompt_token_ids, req.params, req.req_id, priority=req.priority)  # noqa: E731
-        async for chunk in self._stream_here(req.req_id, len(req.prompt_token_ids), add):
+        async for chunk in self._stream_here(req.req_id, len(req.prompt_token_ids), add, feed_id):
             yield chunk
 
-    async def resume(self, msg: ResumeRequest) -> AsyncIterator[OutputChunk]:
+    async def resume(self, msg: ResumeRequest, feed_id: str | None = None) -> AsyncIterator[OutputChunk]:
         """Continue a request another worker was streaming when it died (prompt + tokens sent, prefilled here)."""
         self.num_resumed += 1
         logger.info(
@@ -217,22 +230,26 @@ class EngineWorker:
             msg.req_id, msg.prompt_token_ids, msg.output_token_ids, msg.params, num_sent_chars=msg.num_sent_chars,
             priority=msg.priority,
         )
-        async for chunk in self._stream_here(msg.req_id, len(msg.prompt_token_ids) + len(msg.output_token_ids), add):
+        async for chunk in self._stream_here(msg.req_id, len(msg.prompt_token_ids) + len(msg.output_token_ids), add, feed_id):
             yield chunk
 
-    async def _stream_here(self, req_id: str, num_prompt_tokens: int, add: Callable[[], Any]) -> AsyncIterator[OutputChunk]:
+    async def _stream_here(
+        self, req_id: str, num_prompt_tokens: int, add: Callable[[], Any], feed_id: str | None,
+    ) -> AsyncIterator[OutputChunk]:
         """Stream a request ``add`` puts into this engine; a consumer that leaves aborts it (``AsyncEngine.stream``)."""
         self.num_requests += 1
         self.meters.on_arrival(time.monotonic(), num_prompt_tokens)
-        async for chunk in self._stream(req_id, add, time.monotonic()):
+        async for chunk in self._stream(req_id, add, time.monotonic(), feed_id):
             yield chunk
 
-    async def _stream(self, req_id: str, add: Callable[[], Any], start: float) -> AsyncIterator[OutputChunk]:
-        """The engine's outputs for ``req_id`` as chunks, timed for the planner (first token, gaps, output length)."""
+    async def _stream(self, req_id: str, add: Callable[[], Any], start: float, feed_id: str | None) -> AsyncIterator[OutputChunk]:
+        """The engine's outputs for ``req_id`` as chunks, timed for the planner (first token, gaps, output length):
+        yielded, or pushed to the token feed ``feed_id`` (then this yields nothing and ends when the request does)."""
         finished = False
         last = None
+        feed = self.feeds.bind(feed_id) if feed_id is not None else None
         try:
-            async for out in self.aengine.stream(req_id, add, coalesce=True):
+            async for out in self.aengine.stream(req_id, add, coalesce=feed is None):
                 now = time.monotonic()
                 if last is None:
                     self.meters.on_first_token(now, now - start)
@@ -242,11 +259,17 @@ class EngineWorker:
                 finished = out.finished
                 if finished:
                     self.meters.on_finish(now, len(out.token_ids))
-                yield OutputChunk.of(out)
+                if feed is None:
+                    yield OutputChunk.of(out)
+                else:
+                    feed.push(OutputChunk.of(out))
         except BaseException:
             if not finished:
                 self.num_failed += 1
             raise
+        finally:
+            if feed is not None:
+                self.feeds.unbind(feed_id)
 
     async def reset_prefix_cache(self) -> None:
         await self.aengine.call(self.engine.pool.reset_prefix_cache)

@@ -7,7 +7,8 @@ call, so Serve counts it as busy with the request from the first block reserved
 to the last token), and to the prefill worker in ``PrefillRequest``.
 
 Worker -> router: ``Reservation`` (the first item of a prefilled stream),
-``PrefillResult``, ``OutputChunk`` (every later stream item) and ``WorkerStats``
+``PrefillResult``, ``OutputChunk`` (every later stream item, or gathered per engine step into the
+``TokenBatch``es of a token feed) and ``WorkerStats``
 (the load a worker publishes through Serve's routing stats).
 """
 
@@ -79,6 +80,13 @@ class OutputChunk:
             out.req_id, out.new_token_ids, out.new_text, out.finished, out.finish_reason, len(out.prompt_token_ids),
             len(out.token_ids), out.metrics.num_cached_tokens, out.metrics.compute_s,
         )
+
+
+@dataclass(slots=True)
+class TokenBatch:
+    """One item of a token feed (``splitserve.token_feed``): the new chunks of every request bound to it."""
+
+    chunks: list[OutputChunk]
 
 
 @dataclass(slots=True)

@@ -34,6 +34,9 @@ class HeldCall:
     def __await__(self):
         return asyncio.get_running_loop().create_future().__await__()  # never answered
 
+    def __aiter__(self):
+        return self
+
     def __anext__(self):
         return asyncio.get_running_loop().create_future()  # never answered
 
@@ -87,7 +90,7 @@ def test_a_reservation_held_for_a_dead_replica_gives_up_when_another_call_finds_
         assert time.monotonic() - t0 < 1.0 and isinstance(info.value.cause, WorkerDied)
         await asyncio.sleep(0.05)
         # no abort sent to a process that is gone (the registry may ask it for its stats: they look stale)
-        assert [c for c in dead.calls if c != "record_routing_stats"] == ["serve_prefilled"]
+        assert [c for c in dead.calls if c not in ("record_routing_stats", "feed")] == ["serve_prefilled"]
 
     asyncio.run(body())
 
@@ -101,7 +104,9 @@ def test_a_stream_waiting_for_its_first_chunk_from_a_dead_replica_gives_up_too()
         def generate(self):
             return self
 
-        def remote(self, body):
+        feed = generate  # neither the request's call nor the token feed ever answers
+
+        def remote(self, body, feed_id=None):
             async def never():
                 await asyncio.Event().wait()
                 yield {}
@@ -124,18 +129,49 @@ def test_a_stream_waiting_for_its_first_chunk_from_a_dead_replica_gives_up_too()
 
 def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused():
     """D's first token must be the one P sampled (both see the same KV): a mismatch is an error, not a wrong answer."""
-    from splitserve.worker_messages import OutputChunk, PrefillResult, Reservation
+    from splitserve.worker_messages import OutputChunk, PrefillResult, Reservation, TokenBatch
 
     class Decode:
+        """Reserves, then sends token 99 on the token feed once the prefill is done."""
+
         def __init__(self) -> None:
             self.aborted: list[str] = []
+            self.prefilled = asyncio.Event()
+            self.req_id = None
 
         def options(self, **kwargs) -> "Decode":
             return self
 
         @property
         def serve_prefilled(self):
-            return self
+            decode = self
+
+            class _Call:
+                def remote(self, req, feed_id):
+                    decode.req_id = req.req_id
+
+                    async def stream():
+                        yield Reservation(0, [1, 2, 3])
+                        await asyncio.Event().wait()  # decoding: the tokens go on the feed
+
+                    return stream()
+
+            return _Call()
+
+        @property
+        def feed(self):
+            decode = self
+
+            class _Feed:
+                def remote(self, feed_id):
+                    async def stream():
+                        await decode.prefilled.wait()
+                        yield TokenBatch([OutputChunk(decode.req_id, [99], "x", False, None, 35, 1, 0)])
+                        await asyncio.Event().wait()
+
+                    return stream()
+
+            return _Feed()
 
         @property
         def abort(self):
@@ -147,25 +183,21 @@ def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused()
 
             return _Abort()
 
-        def remote(self, req):
-            async def stream():
-                yield Reservation(0, [1, 2, 3])
-                yield OutputChunk(req.req_id, [99], "x", False, None, len(req.prompt_token_ids), 1, 0)
-
-            return stream()
-
     class Prefill:
         @property
         def prefill(self):
             return self
 
         async def remote(self, msg):
+            decode.prefilled.set()
             return PrefillResult(msg.req.req_id, 7, 0, 0.1, 100, 0.01)
 
     class Two(Handles):
         def __init__(self) -> None:
-            self._members = {"decode-0": Member("decode-0", "decode", Decode(), b"", None),
+            self._members = {"decode-0": Member("decode-0", "decode", decode, b"", None),
                              "prefill-0": Member("prefill-0", "prefill", Prefill(), b"", None)}
+
+    decode = Decode()
 
     async def body():
         registry = WorkerRegistry(Two())

@@ -248,14 +248,20 @@ def test_ray_errors_reach_the_client_without_pid_ip_path_or_actor_id(aio, worker
     D = workers["decode"]
     original = D.serve_prefilled
 
-    async def failing(req):
-        n = 0
-        async with contextlib.aclosing(original(req)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-                n += 1
-                if n == 2:
-                    raise _ray_task_error()
+    def num_outputs(req_id: str) -> int:
+        return max((s.num_output_tokens for s in list(D.engine.scheduler.running) if s.req_id == req_id), default=0)
+
+    async def failing(req, feed_id=None):
+        """Fails as a Ray replica's call does once two tokens went out (on the token feed)."""
+        async with contextlib.aclosing(original(req, feed_id)) as chunks:
+            yield await chunks.__anext__()  # the reservation
+            decoding = asyncio.ensure_future(anext(chunks, None))  # its tokens go on the feed
+            try:
+                while num_outputs(req.req_id) < 2 and not decoding.done():
+                    await asyncio.sleep(0.005)
+            finally:
+                decoding.cancel()
+            raise _ray_task_error()
 
     async def body():
         async with stack(workers, tiny_model) as s, s.client() as c:
