@@ -144,7 +144,7 @@ class DecodeWorker(EngineWorker):
             self._reserved_at.pop(req_id, None)
             add = lambda: self.engine.add_prefilled_request(req_id, prompt, first_token, req.params, priority=req.priority)  # noqa: E731
             streaming = True  # from here ``_stream`` counts a failure
-            async for chunk in self._stream(req_id, add, start, feed_id):
+            async for chunk in self._stream(req_id, add, start, feed_id, req.params.stream_interval):
                 finished = chunk.finished
                 yield chunk
         except BaseException:

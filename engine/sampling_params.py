@@ -71,6 +71,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    stream_interval: int = 1  # a stream sends the first token, then every this many tokens, then the last ones
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,6 +96,8 @@ class SamplingParams:
             raise InvalidSamplingParam("seed", f"seed must be None or an integer in [0, 2**64) (construction maps any integer there), got {_show(self.seed)}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise InvalidSamplingParam("stop", f"stop must be a list of non-empty strings, got {_show(self.stop)}")
+        if not _is_int(self.stream_interval) or not 1 <= self.stream_interval <= INT64_MAX:
+            raise InvalidSamplingParam("stream_interval", f"stream_interval must be an integer >= 1, got {_show(self.stream_interval)}")
         if any(not _is_int(t) or not 0 <= t <= INT64_MAX for t in self.stop_token_ids):
             raise InvalidSamplingParam("stop_token_ids", f"stop_token_ids must be non-negative integers below 2**63, got {_show(self.stop_token_ids)}")
 
@@ -115,6 +118,7 @@ class SamplingParams:
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "stream_interval": self.stream_interval,
         }
 
     @classmethod

@@ -110,6 +110,7 @@ class IngressCore:
             params = req.to_sampling_params(default_max)
         except ValueError as e:
             raise APIError(400, str(e), param=e.field if isinstance(e, InvalidSamplingParam) else None) from e
+        params.stream_interval = self.cfg.http.stream_interval
         if n + params.max_tokens > self.max_model_len:
             raise APIError(
                 400,
@@ -128,6 +129,7 @@ class IngressCore:
         self.registry.start()
         tenant = self.metrics.tenant_label(rreq.tenant)  # bounded: at most http.max_metric_tenants labels
         m, mode = self.metrics, self.cfg.mode
+        ttft, itl = m.ttft.labels(mode), m.itl.labels(mode)  # looked up once, observed per chunk
         limit_s = self.cfg.routing.request_timeout_s
         first = last = None
         status = "error"
@@ -140,9 +142,9 @@ class IngressCore:
                         if chunk.new_token_ids:
                             if last is None:
                                 first = now
-                                m.ttft.labels(mode).observe(now - rreq.arrival)
+                                ttft.observe(now - rreq.arrival)
                             else:
-                                m.itl.labels(mode).observe((now - last) / len(chunk.new_token_ids))
+                                itl.observe((now - last) / len(chunk.new_token_ids))
                             last = now
                         if chunk.finished:
                             status = "ok" if chunk.finish_reason in ("stop", "length") else chunk.finish_reason
@@ -362,6 +364,7 @@ async def _sse(
 ) -> AsyncIterator[bytes]:
     rid = rreq.req_id
     n_prompt, n_out = len(rreq.prompt_token_ids), 0
+    text_events = oai.TextEvents(rid, model, created, chat)
     if chat:
         yield oai.sse_event(oai.chat_chunk(rid, model, "", role="assistant", created=created))
     try:
@@ -375,6 +378,9 @@ async def _sse(
                 return
             text = chunk.new_text
             if not text and finish is None and not (return_token_ids and chunk.new_token_ids):
+                continue
+            if finish is None and not return_token_ids:  # most events: only the text changes
+                yield text_events.event(text)
                 continue
             if chat:
                 event = oai.chat_chunk(rid, model, text, finish_reason=finish, created=created)

@@ -395,6 +395,25 @@ def models_list(names: list[str], owned_by: str = "splitserve", created: int | N
     return {"object": "list", "data": data}
 
 
+class TextEvents:
+    """One stream's text-only events as SSE bytes, the parts that never change encoded once: the same bytes as
+    ``sse_event(completion_chunk(...))`` / ``sse_event(chat_chunk(...))`` with no finish reason."""
+
+    _MARK = "\0"  # stands for the text while the rest is encoded; JSON always escapes it
+
+    def __init__(self, req_id: str, model: str, created: int, chat: bool) -> None:
+        body = chat_chunk(req_id, model, self._MARK, created=created) if chat else completion_chunk(req_id, model, self._MARK, created=created)
+        parts = sse_event(body).split(json.dumps(self._MARK).encode())
+        self._head, self._tail = (parts[0], parts[1]) if len(parts) == 2 else (b"", b"")  # a NUL in the model name: never
+        self._chat, self._id, self._model, self._created = chat, req_id, model, created
+
+    def event(self, text: str) -> bytes:
+        if not self._head:
+            build = chat_chunk if self._chat else completion_chunk
+            return sse_event(build(self._id, self._model, text, created=self._created))
+        return self._head + json.dumps(text, ensure_ascii=False).encode() + self._tail
+
+
 def sse_event(data: dict | str) -> bytes:
     """One server-sent event: ``b"data: {...}\\n\\n"``; ``sse_event("[DONE]") == b"data: [DONE]\\n\\n"``."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))

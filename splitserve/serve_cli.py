@@ -46,6 +46,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="turn the workers' prefix caches off (for measurements that must not reuse prompts)")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="batch-invariant numerics: a request's output does not depend on what runs beside it (slower)")
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help="send streamed tokens every N tokens (the first at once); default 1: every token")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the workers")
     p.set_defaults(func=run_serve)
 
@@ -61,6 +63,7 @@ def config_from_args(args: argparse.Namespace):
         "engine.model": args.model, "mode": mode, "num_prefill": _replicas(args.prefill), "num_decode": _replicas(args.decode),
         "http.host": args.host, "http.port": args.port, "http.served_model_name": args.served_model_name,
         "http.api_key": None if args.api_key_file else args.api_key, "http.api_key_file": args.api_key_file,
+        "http.stream_interval": args.stream_interval,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
         "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes, "engine.deterministic": args.deterministic,
         "engine.enable_prefix_caching": getattr(args, "prefix_caching", None),

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import replace
-
 from splitserve.worker_messages import OutputChunk, TokenBatch
 
 
@@ -36,9 +34,7 @@ class TokenFeed:
 
     def push(self, chunk: OutputChunk) -> None:
         before = self.pending.get(chunk.req_id)
-        if before is not None:
-            chunk = replace(chunk, new_token_ids=before.new_token_ids + chunk.new_token_ids, new_text=before.new_text + chunk.new_text)
-        self.pending[chunk.req_id] = chunk
+        self.pending[chunk.req_id] = chunk if before is None else before.then(chunk)
         self.ready.set()
 
     def take(self) -> list[OutputChunk]:

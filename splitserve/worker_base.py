@@ -215,7 +215,7 @@ class EngineWorker:
         """Prefill and decode here: aggregated mode, short prompts, fallbacks, and degraded mode
         (a prefill worker serving whole requests while no decode worker is healthy)."""
         add = lambda: self.engine.add_request(req.prompt_token_ids, req.params, req.req_id, priority=req.priority)  # noqa: E731
-        async for chunk in self._stream_here(req.req_id, len(req.prompt_token_ids), add, feed_id):
+        async for chunk in self._stream_here(req.req_id, len(req.prompt_token_ids), add, feed_id, req.params.stream_interval):
             yield chunk
 
     async def resume(self, msg: ResumeRequest, feed_id: str | None = None) -> AsyncIterator[OutputChunk]:
@@ -230,23 +230,28 @@ class EngineWorker:
             msg.req_id, msg.prompt_token_ids, msg.output_token_ids, msg.params, num_sent_chars=msg.num_sent_chars,
             priority=msg.priority,
         )
-        async for chunk in self._stream_here(msg.req_id, len(msg.prompt_token_ids) + len(msg.output_token_ids), add, feed_id):
+        n = len(msg.prompt_token_ids) + len(msg.output_token_ids)
+        async for chunk in self._stream_here(msg.req_id, n, add, feed_id, msg.params.stream_interval):
             yield chunk
 
     async def _stream_here(
-        self, req_id: str, num_prompt_tokens: int, add: Callable[[], Any], feed_id: str | None,
+        self, req_id: str, num_prompt_tokens: int, add: Callable[[], Any], feed_id: str | None, interval: int,
     ) -> AsyncIterator[OutputChunk]:
         """Stream a request ``add`` puts into this engine; a consumer that leaves aborts it (``AsyncEngine.stream``)."""
         self.num_requests += 1
         self.meters.on_arrival(time.monotonic(), num_prompt_tokens)
-        async for chunk in self._stream(req_id, add, time.monotonic(), feed_id):
+        async for chunk in self._stream(req_id, add, time.monotonic(), feed_id, interval):
             yield chunk
 
-    async def _stream(self, req_id: str, add: Callable[[], Any], start: float, feed_id: str | None) -> AsyncIterator[OutputChunk]:
+    async def _stream(
+        self, req_id: str, add: Callable[[], Any], start: float, feed_id: str | None, interval: int = 1,
+    ) -> AsyncIterator[OutputChunk]:
         """The engine's outputs for ``req_id`` as chunks, timed for the planner (first token, gaps, output length):
-        yielded, or pushed to the token feed ``feed_id`` (then this yields nothing and ends when the request does)."""
+        yielded, or pushed to the token feed ``feed_id`` (then this yields nothing and ends when the request does).
+        ``interval`` (``SamplingParams.stream_interval``): after the first chunk, tokens are held back until this
+        many are waiting or the request finished."""
         finished = False
-        last = None
+        last = held = None
         feed = self.feeds.bind(feed_id) if feed_id is not None else None
         try:
             async for out in self.aengine.stream(req_id, add, coalesce=feed is None):
@@ -259,10 +264,15 @@ class EngineWorker:
                 finished = out.finished
                 if finished:
                     self.meters.on_finish(now, len(out.token_ids))
+                chunk = OutputChunk.of(out) if held is None else held.then(OutputChunk.of(out))
+                if interval > 1 and not finished and len(chunk.new_token_ids) < interval and len(out.token_ids) > len(chunk.new_token_ids):
+                    held = chunk  # not the first tokens, not the last, fewer than the interval
+                    continue
+                held = None
                 if feed is None:
-                    yield OutputChunk.of(out)
+                    yield chunk
                 else:
-                    feed.push(OutputChunk.of(out))
+                    feed.push(chunk)
         except BaseException:
             if not finished:
                 self.num_failed += 1

@@ -14,7 +14,7 @@ Worker -> router: ``Reservation`` (the first item of a prefilled stream),
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from splitserve.engine.outputs import RequestOutput
@@ -73,6 +73,10 @@ class OutputChunk:
     num_output_tokens: int
     num_cached_tokens: int
     compute_s: float = 0.0  # engine time charged to the request on this worker so far (cumulative)
+
+    def then(self, later: "OutputChunk") -> "OutputChunk":
+        """This chunk and a later one of the same request as one: tokens and text joined, the rest from ``later``."""
+        return replace(later, new_token_ids=self.new_token_ids + later.new_token_ids, new_text=self.new_text + later.new_text)
 
     @classmethod
     def of(cls, out: RequestOutput) -> "OutputChunk":

@@ -56,6 +56,7 @@ BAD_PARAMS = {
     "top_p_nan": ("top_p", float("nan"), r"top_p must be in \(0, 1\], got nan"),
     "top_k_2**63": ("top_k", 2**63, r"top_k must be .*at most 2\*\*63-1.*got 9223372036854775808"),
     "max_tokens_huge": ("max_tokens", 10**5000, r"max_tokens must be an integer >= 1, got an integer of 16610 bits"),
+    "stream_interval_0": ("stream_interval", 0, r"stream_interval must be an integer >= 1, got 0"),
     "stop_token_ids_2**64": ("stop_token_ids", [2**64], r"stop_token_ids must be non-negative integers below 2\*\*63, got \[an integer of 65 bits\]"),
 }
 

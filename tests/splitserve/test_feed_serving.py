@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from tests.splitserve.conftest import Stack, collect, greedy
+from tests.splitserve.ingress_helpers import completion_body, parse_sse
 from tests.splitserve.router_helpers import MAX_TOKENS, PROMPTS, cold_caches, own, shared  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.engine
@@ -62,3 +63,27 @@ def test_concurrent_streams_share_one_feed_item_per_step(aio, shared, tiny_model
         aio.run(body())
     finally:
         counted.restore()
+
+
+@pytest.mark.parametrize("layout", ["1P1D", "aggregated"])
+def test_a_stream_interval_sends_the_first_token_at_once_then_every_n(aio, shared, tiny_model, reference, layout):
+    """``http.stream_interval: 4``: SSE events carry the first token alone, then at least 4 tokens each but the last;
+    the text and tokens are the reference's all the same."""
+    decoder = shared["d"] if layout == "1P1D" else shared["both"]
+    prefill = [shared["p0"]] if layout == "1P1D" else []
+    prompt, n = PROMPTS[2], 19
+
+    async def body():
+        routing = {"prefix_aware": False, "local_prefill_threshold_tokens": 0}
+        async with Stack(tiny_model, prefill, [decoder], routing=routing, http={"stream_interval": 4}) as s, s.client() as c:
+            body = completion_body(prompt, n, stream=True, return_token_ids=True)
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            events = [e for e in parse_sse(r.text) if isinstance(e, dict) and e["choices"][0].get("token_ids")]
+        sizes = [len(e["choices"][0]["token_ids"]) for e in events]
+        assert sizes[0] == 1 and all(k >= 4 for k in sizes[1:-1]) and sum(sizes) == n, sizes
+        assert len(events) <= 1 + -(-(n - 1) // 4)
+        assert [t for e in events for t in e["choices"][0]["token_ids"]] == reference.tokens(prompt, n)
+        assert "".join(e["choices"][0]["text"] for e in events) == reference.text(prompt, n)
+
+    aio.run(body())

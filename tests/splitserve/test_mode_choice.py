@@ -73,3 +73,10 @@ def test_splitserve_serve_defaults_to_auto_unless_told(tmp_path):
     yaml_auto = tmp_path / "auto.yaml"
     yaml_auto.write_text("mode: auto\ndecode_resources: {num_cpus: 2}\n")
     assert _cli("--config", str(yaml_auto), "--worker-cpus", "4").decode_resources.num_cpus == 8.0
+
+
+def test_the_stream_interval_flag_reaches_the_config():
+    assert _cli().http.stream_interval == 1
+    assert _cli("--stream-interval", "8").http.stream_interval == 8
+    with pytest.raises(ValueError, match="stream_interval"):
+        _cli("--stream-interval", "0")

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.openai_protocol import (
     ChatCompletionRequest,
+    TextEvents,
     CompletionRequest,
     chat_chunk,
     chat_completion_response,
@@ -192,6 +193,7 @@ def test_to_sampling_params_defaults_and_mapping():
     assert params.to_dict() == {
         "max_tokens": 5, "temperature": 0.0, "top_p": 0.9, "top_k": 40, "seed": 7, "stop": ["END"],
         "stop_token_ids": [2], "ignore_eos": True, "skip_special_tokens": False, "include_stop_str_in_output": True,
+        "stream_interval": 1,  # set by the server (http.stream_interval), not by the client
     }
     assert params.is_greedy
 
@@ -338,3 +340,15 @@ def test_real_client_completions_stream_whole_and_models():
     assert [c.choices[0].text for c in streamed] == ["a", "b"]
     assert streamed[-1].choices[0].finish_reason == "stop" and streamed[0].id == "cmpl-r"
     assert [m.id for m in client.models.list()] == ["m", "n"]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+@pytest.mark.parametrize("text", ["", "Paris", 'quote " and \\ back', "line\nbreak\ttab", "é世界🙂", "\x00\x1f"])
+def test_text_events_are_the_same_bytes_as_the_whole_chunk(chat, text):
+    """The preformatted event (head + the text's JSON + tail) equals encoding the whole chunk, whatever the text."""
+    events = TextEvents("r-1", "smol", 1700000000, chat)
+    whole = chat_chunk("r-1", "smol", text, created=1700000000) if chat else completion_chunk("r-1", "smol", text, created=1700000000)
+    assert events.event(text) == sse_event(whole)
+    odd = TextEvents("r-1", "model\x00name", 1700000000, chat)  # the marker in the model name: the slow path
+    whole = chat_chunk("r-1", "model\x00name", text, created=1700000000) if chat else completion_chunk("r-1", "model\x00name", text, created=1700000000)
+    assert odd.event(text) == sse_event(whole)
