@@ -14,6 +14,7 @@ The client (this process) is not counted; its own CPU is shown for reference.
     python benchmarks/stream_cpu.py --streams 1,16,64
     python benchmarks/stream_cpu.py --mode aggregated --streams 1,16,64 --json /tmp/stream_cpu_agg.json
     python benchmarks/stream_cpu.py --model /path/to/checkpoint --max-tokens 128 --seconds 30 --idle-s 20
+    python benchmarks/stream_cpu.py --streams 64 --stream-interval 8
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ def main() -> int:
     ap.add_argument("--idle-s", type=float, default=10.0, help="idle period measured after warm-up")
     ap.add_argument("--port", type=int, default=0, help="default: a free port")
     ap.add_argument("--json", default=None, help="write the numbers here")
+    ap.add_argument("--stream-interval", type=int, default=None, help="the server's --stream-interval (default: its own, 1)")
     args = ap.parse_args()
     machine = machine_lines(1 if args.mode == "disaggregated" else 2)
     if args.model is None:
@@ -205,7 +207,8 @@ def main() -> int:
     system = "splitserve-disagg" if args.mode == "disaggregated" else "splitserve-agg"
     print(f"starting {system} on port {port} (log {log})", flush=True)
     with open(log, "w") as out:
-        server = subprocess.Popen(splitserve_cmd(system, args.model, port), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = splitserve_cmd(system, args.model, port) + ([] if args.stream_interval is None else ["--stream-interval", str(args.stream_interval)])
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     me = psutil.Process()
     rows: list[dict] = []
     try:
@@ -236,7 +239,8 @@ def main() -> int:
         stop(server)
     print("\n" + "\n".join(machine))
     print(f"- splitserve {args.mode} ({'1 prefill + 1 decode, --worker-cpus 1' if args.mode == 'disaggregated' else '1 aggregated, --worker-cpus 2'}), "
-          f"model {args.model}; 16-token prompts, greedy, ignore_eos, max_tokens {args.max_tokens}, {args.seconds:.0f} s per level; load average at end {load_average()}")
+          f"model {args.model}; 16-token prompts, greedy, ignore_eos, max_tokens {args.max_tokens}, {args.seconds:.0f} s per level; "
+          f"stream interval {args.stream_interval or 1}; load average at end {load_average()}")
     print("\nCPU-seconds per 1,000 streamed tokens (user+system of each role's processes; 'outside' = all but decode):\n")
     header = ["streams", *ROLES, "outside decode", "µs/tok outside", "net of idle", "tok/s", "cores busy", "client (not counted)"]
     print(markdown_table(header, [[str(r["streams"]), *(f"{r['cpu_s_per_1k_tok'][k]:.3f}" for k in ROLES),
@@ -246,6 +250,7 @@ def main() -> int:
     print(markdown_table(ROLES + ["total"], [[f"{idle[r]:.1f}" for r in ROLES] + [f"{sum(idle.values()):.1f}"]]))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "mode": args.mode, "model": args.model, "max_tokens": args.max_tokens,
+                                               "stream_interval": args.stream_interval or 1,
                                                "seconds": args.seconds, "levels": rows, "idle_pct_core": idle, "idle_s": idle_wall}, indent=2))
     return 0
 

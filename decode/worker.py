@@ -145,8 +145,8 @@ class DecodeWorker(EngineWorker):
             add = lambda: self.engine.add_prefilled_request(req_id, prompt, first_token, req.params, priority=req.priority)  # noqa: E731
             streaming = True  # from here ``_stream`` counts a failure
             async for chunk in self._stream(req_id, add, start, feed_id, req.params.stream_interval):
-                finished = chunk.finished
                 yield chunk
+            finished = True  # ``_stream`` ends only after the last chunk (on the feed, it yields none)
         except BaseException:
             if not streaming:
                 self.num_failed += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,18 +35,28 @@ class FeedEnded(RuntimeError):
 
 
 class Subscription:
-    """One request's inbox on a worker's feed."""
+    """One request's inbox on a worker's feed. A consumer that lags (a slow client) gets the chunks that waited
+    as one (``OutputChunk.then``); an error is handed over after the chunks before it."""
 
     def __init__(self, reader: _Reader, req_id: str) -> None:
-        self.queue: asyncio.Queue[OutputChunk | BaseException] = asyncio.Queue()
+        self._items: deque[OutputChunk | BaseException] = deque()
+        self._ready = asyncio.Event()
         self._reader = reader
         self.req_id = req_id
 
     async def get(self) -> OutputChunk | BaseException:
-        return await self.queue.get()
+        items = self._items
+        while not items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = items.popleft()
+        while items and isinstance(item, OutputChunk) and not item.finished and isinstance(items[0], OutputChunk):
+            item = item.then(items.popleft())
+        return item
 
     def put(self, item: OutputChunk | BaseException) -> None:
-        self.queue.put_nowait(item)
+        self._items.append(item)
+        self._ready.set()
 
     def close(self) -> None:
         self._reader.unsubscribe(self)
@@ -99,7 +110,7 @@ class _Reader:
                 for chunk in batch.chunks:
                     sub = inboxes.get(chunk.req_id)
                     if sub is not None:  # a chunk of a request that already left has nobody to go to
-                        sub.queue.put_nowait(chunk)
+                        sub.put(chunk)
             error: BaseException = FeedEnded(f"the token feed of {self.worker_id} ended")
         except asyncio.CancelledError:
             raise

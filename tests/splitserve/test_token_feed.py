@@ -160,3 +160,23 @@ def test_a_worker_found_dead_elsewhere_ends_its_requests_at_once():
         assert worker.closed == 1 and readers.num_open == 0
 
     asyncio.run(body())
+
+
+def test_a_lagging_request_gets_what_waited_as_one_chunk_and_an_error_after_it():
+    async def body():
+        worker = FakeWorker()
+        readers = FeedReaders("ingress-a")
+        sub = readers.subscribe("decode-0", worker, "r1")
+        for t in (1, 2, 3):
+            worker.batches.put_nowait(TokenBatch([chunk("r1", [t])]))
+        await asyncio.sleep(0.05)  # the consumer was busy while three steps came in
+        merged = await get(sub)
+        assert (merged.new_token_ids, merged.new_text) == ([1, 2, 3], "<1><2><3>")
+        worker.batches.put_nowait(TokenBatch([chunk("r1", [4])]))
+        worker.batches.put_nowait(RuntimeError("replica crashed"))
+        await asyncio.sleep(0.05)
+        assert (await get(sub)).new_token_ids == [4]  # the chunk before the error first
+        assert isinstance(await get(sub), RuntimeError)
+        sub.close()
+
+    asyncio.run(body())
