@@ -9,8 +9,8 @@ on ``--host``). Joining a cluster changes nothing: its nodes must reach each oth
 
 A local server also answers HTTP from the ingress replica itself (Serve's direct
 ingress, ``direct_ingress_env``): the replica listens on the port, so a streamed
-token skips the hop through Serve's HTTP proxy (which still runs, on a free
-loopback port of its own). On a cluster the proxy serves the port as before.
+token skips the hop through Serve's HTTP proxy (which still runs, idle, on a free
+port of its own). On a cluster the proxy serves the port as before.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     """Serve's direct ingress for a local server's one ingress replica: its own HTTP server on ``port`` (the range
     Serve allocates replica ports from is that one port), no port quarantine and no drain period after it (they
     give an external load balancer time to notice a replica left; a restarted ingress takes the port back at once).
-    Per streamed token at 64 streams this took the CPU outside the decode engine from ~0.8 to ~0.35 ms and the
-    tokens per second up 1.7x (benchmarks/stream_cpu.py, docs/benchmarks.md)."""
+    Per streamed token at 64 streams this took the CPU outside the decode engine from 0.82-0.96 to ~0.36 ms and
+    the tokens per second up ~1.8x (benchmarks/stream_cpu.py, docs/benchmarks.md)."""
     return {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
