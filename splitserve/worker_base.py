@@ -244,7 +244,7 @@ class EngineWorker:
             yield chunk
 
     async def _stream(
-        self, req_id: str, add: Callable[[], Any], start: float, feed_id: str | None, interval: int = 1,
+        self, req_id: str, add: Callable[[], Any], start: float, feed_id: str | None, interval: int,
     ) -> AsyncIterator[OutputChunk]:
         """The engine's outputs for ``req_id`` as chunks, timed for the planner (first token, gaps, output length):
         yielded, or pushed to the token feed ``feed_id`` (then this yields nothing and ends when the request does).
