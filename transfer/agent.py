@@ -21,10 +21,12 @@ Lifecycle (one agent per worker process, named after its ``worker_id``):
    flight, forgets the peers and deregisters the pool (safe to call twice).
 
 The NIXL agent runs in ``NIXL_THREAD_SYNC_RW`` mode, so one agent may be shared by an
-event loop and worker threads. It keeps NIXL's progress thread on: without it a
-transfer stalls until the *target* process happens to call into NIXL. That thread
-busy-polls (the Python wrapper fixes its delay at 0), costing up to one core per agent,
-which is why each process should hold one agent and ``close`` it when done.
+event loop and worker threads. It keeps NIXL's progress thread on, as a safety net:
+without it a transfer can stall until the *target* process happens to call into NIXL
+(UCX's connection wire-up needs the target's progress). Transfers in flight are driven
+by the processes' own calls (the initiator's ``poll``, the target's notification poll),
+so the thread sleeps long between its rounds (``PROGRESS_DELAY_US``); the Python wrapper
+would make it busy-poll. Each process should hold one agent and ``close`` it when done.
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ __all__ = ["KVTransferAgent", "TransferError", "TransferHandle", "TransferStatus
 logger = logging.getLogger(__name__)
 
 
-# NIXL's progress thread sleeps this long between polls. The Python wrapper (nixl 1.5)
-# hard-codes 0, i.e. a busy loop that burns a whole core per agent even when idle
-# (measured: ~50% of a core under load, 1.3% with 1 ms); on a 2-core host serving
-# 1P1D that is most of the machine. 500 us adds at most that much to a transfer.
-PROGRESS_DELAY_US = 500
+# NIXL's progress thread sleeps this long between rounds. The Python wrapper (nixl 1.5)
+# hard-codes 0, a busy loop that burns a whole core per agent even when idle. Each
+# round costs ~90 us of CPU whether or not anything is pending (an idle agent, measured:
+# 3.7% of a core at 500 us, 0.9% at 10 ms, 0.18% at 50 ms). The thread only has to
+# finish what no one else polls for, such as the first connection to a peer; a WRITE
+# to a target that never calls NIXL took the same time at 500 us and at 10 ms once
+# connected (benchmarks/kv_transfer.py), and a serving decode worker polls for its
+# notifications every few ms while it expects KV.
+PROGRESS_DELAY_US = 50_000
 _PATCH_LOCK = threading.Lock()
 
 
