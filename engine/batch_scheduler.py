@@ -4,7 +4,11 @@ Pure logic over ``Sequence`` records and a ``BlockPool`` (no tensors, no I/O).
 Each step: running sequences first (decodes take one token; unfinished prefills
 take a chunk), then waiting sequences are admitted in (priority, arrival) order (lower priority value first, as in vLLM)
 while the token budget, the sequence cap and the free blocks allow. A prompt
-longer than the budget is prefilled in chunks over several steps. When a running
+longer than the budget is prefilled in chunks over several steps. A step that
+also decodes gives prompts at most ``max_prefill_tokens_beside_decodes`` of its
+budget, so a new prompt delays the running streams by a bounded chunk, not by its
+whole length (a step with no decodes still prefills as much as the budget allows,
+which is what a lone request's time to first token wants). When a running
 sequence needs a block and none is free, the most recently arrived running
 sequence is preempted (blocks freed, recomputed later); nothing ever crashes on a
 full pool.
@@ -50,11 +54,12 @@ class SchedulerOutput:
 
 
 class BatchScheduler:
-    def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int, max_prefill_tokens_beside_decodes: int | None = None):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens_beside_decodes = max_prefill_tokens_beside_decodes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -125,9 +130,17 @@ class BatchScheduler:
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
 
+    def _prefill_budget(self) -> int:
+        """Most prompt tokens this step may compute: all of the budget, unless running streams decode beside them."""
+        limit = self.max_prefill_tokens_beside_decodes
+        if limit is None or not any(seq.num_uncomputed_tokens == 1 for seq in self.running):
+            return self.max_num_batched_tokens
+        return limit
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        prefill_budget = self._prefill_budget()
         scheduled: list[ScheduledChunk] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted below by an earlier sequence
@@ -135,6 +148,10 @@ class BatchScheduler:
             if budget <= 0:
                 break
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if num_new > 1:
+                if prefill_budget <= 0:
+                    continue
+                num_new = min(num_new, prefill_budget)
             need = self._blocks_needed(seq, num_new)
             while not self.pool.can_allocate(need):
                 victim = self.running[-1]
@@ -146,13 +163,15 @@ class BatchScheduler:
             seq.block_ids.extend(self.pool.allocate(need))
             scheduled.append(ScheduledChunk(seq, num_new))
             budget -= num_new
+            if num_new > 1:
+                prefill_budget -= num_new
 
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
+        while self.waiting and min(budget, prefill_budget) > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             looked_up = not seq.block_ids
             if looked_up:
                 self._admit_prefix(seq)
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, budget, prefill_budget)
             need = self._blocks_needed(seq, num_new)
             if not self.pool.can_allocate(need):
                 if looked_up:  # wait holding no prefix references: they could starve a sequence preempted in front of it
@@ -165,6 +184,7 @@ class BatchScheduler:
             self.running.append(seq)
             scheduled.append(ScheduledChunk(seq, num_new))
             budget -= num_new
+            prefill_budget -= num_new
 
         for chunk in scheduled:
             is_decode = chunk.num_new_tokens == 1

@@ -31,6 +31,10 @@ class EngineConfig(BaseModel):
     kv_cache_memory_fraction: float = Field(0.1, gt=0, le=0.95, description="fraction of free memory for the KV pool")
     num_kv_blocks: int | None = Field(None, ge=1, description="exact number of KV blocks (overrides both sizes)")
     max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one step (prefill chunks + decodes)")
+    max_prefill_tokens_beside_decodes: int | None = Field(
+        None, ge=1, description="most prompt tokens in a step that also decodes (bounds how long a new prompt stalls the running "
+        "streams; steps without decodes still take the whole budget); None = the whole budget",
+    )
     max_num_seqs: int = Field(128, ge=1, description="most sequences running at once")
     max_model_len: int | None = Field(None, ge=2, description="context limit; None = the model's max_position_embeddings")
     enable_prefix_caching: bool = True

@@ -57,7 +57,7 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_path, mc, self.max_model_len)
         self.block_size = self.runner.block_size
         self.pool = BlockPool(self.runner.num_blocks, self.block_size, cfg.enable_prefix_caching)
-        self.scheduler = BatchScheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.scheduler = BatchScheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.max_prefill_tokens_beside_decodes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}

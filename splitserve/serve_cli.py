@@ -47,6 +47,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-cpus", type=float, default=None, help="Ray CPU share per worker (default 1)")
     p.add_argument("--worker-gpus", type=float, default=None, help="GPUs per worker (GPU clusters)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-prefill-tokens-beside-decodes", type=int, default=None,
+                   help="most prompt tokens in a step that also decodes: a new prompt stalls running streams by at most this chunk")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="turn the workers' prefix caches off (for measurements that must not reuse prompts)")
@@ -71,6 +73,7 @@ def config_from_args(args: argparse.Namespace):
         "http.api_key": None if args.api_key_file else args.api_key, "http.api_key_file": args.api_key_file,
         "http.stream_interval": args.stream_interval,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
+        "engine.max_prefill_tokens_beside_decodes": args.max_prefill_tokens_beside_decodes,
         "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes, "engine.deterministic": args.deterministic,
         "engine.enable_prefix_caching": getattr(args, "prefix_caching", None),
         "prefill_resources.num_cpus": args.worker_cpus, "decode_resources.num_cpus": args.worker_cpus,

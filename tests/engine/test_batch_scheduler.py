@@ -29,8 +29,11 @@ def make_seq(req_id: str, num_prompt_tokens: int = 0, *, tokens: list[int] | Non
     return Sequence(req_id=req_id, token_ids=token_ids, num_prompt_tokens=len(token_ids), params=SamplingParams(max_tokens=max_tokens), priority=priority)
 
 
-def make_scheduler(num_blocks: int = 64, budget: int = 64, max_num_seqs: int = 16, prefix_caching: bool = True) -> BatchScheduler:
-    return BatchScheduler(BlockPool(num_blocks, BS, prefix_caching), max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+def make_scheduler(
+    num_blocks: int = 64, budget: int = 64, max_num_seqs: int = 16, prefix_caching: bool = True, beside_decodes: int | None = None,
+) -> BatchScheduler:
+    return BatchScheduler(BlockPool(num_blocks, BS, prefix_caching), max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                          max_prefill_tokens_beside_decodes=beside_decodes)
 
 
 def run_step(sched: BatchScheduler) -> SchedulerOutput:
@@ -117,6 +120,36 @@ def test_decodes_are_scheduled_before_new_prefills():
     sched2.add(make_seq("c", 4))
     out = run_step(sched2)
     assert scheduled(out) == [("a", 1), ("b", 1)] and [s.req_id for s in sched2.waiting] == ["c"]
+
+
+def test_prompts_beside_decodes_take_at_most_their_share():
+    sched = make_scheduler(budget=64, beside_decodes=8)
+    sched.add(make_seq("alone", 30))
+    assert scheduled(run_step(sched)) == [("alone", 30)]  # no stream decodes: the whole budget
+    sched.add(make_seq("p1", 20))
+    sched.add(make_seq("p2", 20))
+    assert scheduled(run_step(sched)) == [("alone", 1), ("p1", 8)]  # one stream decodes: prompts share 8 tokens
+    assert scheduled(run_step(sched)) == [("alone", 1), ("p1", 8)]  # the running chunk first; p2 waits
+    assert scheduled(run_step(sched)) == [("alone", 1), ("p1", 4), ("p2", 4)]
+    sched.finish(sched.running[0], SequenceStatus.FINISHED_ABORTED)
+    sched.finish(sched.running[0], SequenceStatus.FINISHED_ABORTED)
+    assert scheduled(run_step(sched)) == [("p2", 16)]  # the streams ended: the rest of the prompt in one step
+
+
+def test_prompts_beside_decodes_never_starve_and_the_budget_still_holds():
+    rng = random.Random(7)
+    sched = make_scheduler(num_blocks=40, budget=12, max_num_seqs=6, beside_decodes=3)
+    seqs = [make_seq(f"s{i}", rng.randrange(1, 30), max_tokens=rng.randrange(1, 12)) for i in range(20)]
+    for seq in seqs:
+        sched.add(seq)
+    for _ in range(1000):
+        if not sched.num_unfinished:
+            break
+        streams_decoding = any(s.num_output_tokens > 0 and s.num_uncomputed_tokens == 1 for s in sched.running)
+        out = run_step(sched)
+        if streams_decoding:
+            assert sum(c.num_new_tokens for c in out.prefills) <= 3
+    assert not sched.num_unfinished and all(s.num_output_tokens == s.params.max_tokens for s in seqs)
 
 
 def test_max_num_seqs_caps_the_running_set():
@@ -268,7 +301,8 @@ def test_waiting_prefix_hits_cannot_deadlock_a_preempted_sequence():
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_random_workload_on_a_tiny_pool_always_completes(seed, prefix_caching):
     rng = random.Random(seed)
-    sched = make_scheduler(num_blocks=10, budget=rng.choice([5, 16, 64]), max_num_seqs=rng.choice([2, 4, 8]), prefix_caching=prefix_caching)
+    sched = make_scheduler(num_blocks=10, budget=rng.choice([5, 16, 64]), max_num_seqs=rng.choice([2, 4, 8]), prefix_caching=prefix_caching,
+                           beside_decodes=rng.choice([None, 1, 3]))
     shared = [rng.randrange(100) for _ in range(8)]
     seqs = []
     for i in range(24):

@@ -80,3 +80,10 @@ def test_the_stream_interval_flag_reaches_the_config():
     assert _cli("--stream-interval", "8").http.stream_interval == 8
     with pytest.raises(ValueError, match="stream_interval"):
         _cli("--stream-interval", "0")
+
+
+def test_the_prefill_tokens_beside_decodes_flag_reaches_the_engine_config():
+    assert _cli().engine.max_prefill_tokens_beside_decodes is None
+    assert _cli("--max-prefill-tokens-beside-decodes", "256").engine.max_prefill_tokens_beside_decodes == 256
+    with pytest.raises(ValueError, match="max_prefill_tokens_beside_decodes"):
+        _cli("--max-prefill-tokens-beside-decodes", "0")
