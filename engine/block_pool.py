@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from itertools import islice
 from collections.abc import Sequence
 
 NONE_HASH = 0
@@ -54,6 +55,7 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self._ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._in_use: dict[int, None] = {}  # blocks with references, in the order they were taken
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
         self.num_prefix_hits = 0
@@ -83,6 +85,7 @@ class BlockPool:
                 del self._hash_to_block[old]
                 self.prefix_version += 1
             self._ref_counts[block_id] = 1
+            self._in_use[block_id] = None
             out.append(block_id)
         return out
 
@@ -94,6 +97,7 @@ class BlockPool:
             self._ref_counts[block_id] = count - 1
             if count == 1:
                 self._free[block_id] = None
+                del self._in_use[block_id]
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -111,6 +115,7 @@ class BlockPool:
         for block_id in hits:
             if self._ref_counts[block_id] == 0:
                 del self._free[block_id]
+                self._in_use[block_id] = None
             self._ref_counts[block_id] += 1
         self.num_prefix_queries += len(block_hashes)
         self.num_prefix_hits += len(hits)
@@ -146,21 +151,20 @@ class BlockPool:
         """
         if limit <= 0:
             return []
-        # C-level copies first: a load report may run beside the engine thread that mutates the pool,
-        # and each copy is taken under the GIL in one go (the summary may be a step stale, never broken)
-        block_to_hash = self._block_to_hash.copy()
-        free_order = list(self._free)
-        ref_counts = self._ref_counts
-        in_use = [h for b, h in block_to_hash.items() if ref_counts[b] > 0]
-        out = in_use[:limit]
-        if len(out) < limit:
-            for block_id in reversed(free_order):
-                h = block_to_hash.get(block_id)
-                if h is not None:
-                    out.append(h)
-                    if len(out) == limit:
-                        break
-        return out
+        # A load report may run beside the engine thread that mutates the pool: the block lists are C-level
+        # copies, each taken under the GIL in one go, and the map is only read by key (the summary may be a
+        # step stale, never broken). The work is O(blocks in use + what is read of the free tail), not O(pool):
+        # a GPU's pool holds hundreds of thousands of blocks.
+        block_to_hash = self._block_to_hash
+        out = [h for h in map(block_to_hash.get, list(self._in_use)) if h is not None][:limit]
+        take = 2 * (limit - len(out))
+        while len(out) < limit and take:
+            tail = [h for h in map(block_to_hash.get, list(islice(reversed(self._free), take))) if h is not None]
+            if len(tail) >= limit - len(out) or take >= len(self._free):
+                out.extend(tail[: limit - len(out)])
+                break
+            take *= 4
+        return list(dict.fromkeys(out))  # a block freed between the two copies could appear in both
 
     def reset_prefix_cache(self) -> None:
         self._hash_to_block.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import random
 import subprocess
 import sys
 
@@ -240,3 +241,38 @@ def test_hottest_hashes_lists_in_use_then_recently_freed_and_versions_track_chan
     assert hashes[1] not in pool.hottest_hashes(10) and hashes[0] in pool.hottest_hashes(10)
     pool.reset_prefix_cache()
     assert pool.prefix_version == v1 + 2 and pool.hottest_hashes(10) == []
+
+
+def _hottest_by_scanning(pool: BlockPool, limit: int) -> list[int]:
+    """The summary's definition, by scanning every block: cached hashes of blocks in use (in the order they
+    were taken), then of free blocks from the most recently freed."""
+    in_use = [b for b in pool._in_use if pool.ref_count(b) > 0]
+    assert sorted(in_use) == [b for b in range(pool.num_blocks) if pool.ref_count(b) > 0]
+    hashed = lambda blocks: [pool._block_to_hash[b] for b in blocks if b in pool._block_to_hash]  # noqa: E731
+    return (hashed(in_use) + hashed(reversed(pool._free)))[:limit]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hottest_hashes_agree_with_a_full_scan_through_random_use(seed):
+    rng = random.Random(seed)
+    pool = BlockPool(rng.choice([8, 64, 300]), BS)
+    held: list[list[int]] = []
+    next_hash = 1
+    for _ in range(400):
+        op = rng.random()
+        if op < 0.4 and pool.num_free_blocks:
+            blocks = pool.allocate(rng.randint(1, min(4, pool.num_free_blocks)))
+            for block in blocks:
+                if rng.random() < 0.3:  # most blocks stay unhashed (partial), so hashed free blocks lie deep in the tail
+                    pool.register(block, next_hash)
+                    next_hash += 1
+            held.append(blocks)
+        elif op < 0.7 and held:
+            pool.free(held.pop(rng.randrange(len(held))))
+        elif op < 0.85:
+            hashes = [pool._block_to_hash[b] for b in rng.sample(sorted(pool._block_to_hash), min(2, len(pool._block_to_hash)))]
+            hits = pool.lookup_prefix(hashes)
+            if hits:
+                held.append(hits)
+        limit = rng.choice([1, 3, 16, 1000])
+        assert pool.hottest_hashes(limit) == _hottest_by_scanning(pool, limit)
