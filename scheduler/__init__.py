@@ -7,7 +7,7 @@ a ``PairingPolicy`` for a ``PairDecision`` per request.
 from __future__ import annotations
 
 from splitserve.scheduler.admission import QueueWaitEstimator
-from splitserve.scheduler.load_view import LoadView
+from splitserve.scheduler.load_view import LoadView, Reservation
 from splitserve.scheduler.policy import (
     LeastLoadedPolicy,
     blocks_needed,
@@ -34,6 +34,7 @@ __all__ = [
     "Fallback",
     "LeastLoadedPolicy",
     "LoadView",
+    "Reservation",
     "NoWorkerAvailable",
     "PairDecision",
     "PairRequest",

@@ -5,7 +5,15 @@ Between two reports the router may place a burst of requests; ``reserve``
 adjusts the cached load as if each placement had already landed, so the
 policy sees the workers fill up and spreads the burst instead of sending it
 all to whichever worker looked emptiest at the last report. The next report
-from a worker replaces the optimistic figures with the real ones.
+from a worker replaces the optimistic figures with the real ones. When the
+request ends (finished, failed or cancelled) the glue hands its ``Reservation``
+back to ``release``: the blocks return to the picture at once, so a request that
+follows a finished one on an idle worker is not refused on a picture that still
+shows the finished one's blocks taken (reports come every half second or so,
+a short request is over sooner). A report taken after the worker freed the
+blocks but received before the release overstates the free blocks by that one
+request's until the next report; a worker that then lacks room refuses the
+reservation and the router tries the next one, as for any stale picture.
 
 A worker whose last report is older than ``max_age_s`` is shown as unhealthy
 (it may be dead or partitioned); ``mark_unhealthy`` does the same at once when
@@ -21,10 +29,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from splitserve.scheduler.policy import blocks_needed, uncached_prompt_tokens
 from splitserve.scheduler.types import PairDecision, PairRequest, WorkerLoad
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ``reserve_decision`` charged, per worker: (worker_id, KV blocks, prompt tokens)."""
+
+    charges: tuple[tuple[str, int, int], ...]
 
 
 class LoadView:
@@ -82,8 +97,8 @@ class LoadView:
         load.num_queued_tokens += num_tokens
         load.num_waiting += 1
 
-    def reserve_decision(self, decision: PairDecision, request: PairRequest) -> None:
-        """Apply ``reserve`` to the worker(s) a decision names, with the request's sizes.
+    def reserve_decision(self, decision: PairDecision, request: PairRequest) -> Reservation:
+        """Apply ``reserve`` to the worker(s) a decision names, with the request's sizes; ``release`` undoes it.
 
         The decode worker always gets the prompt's blocks (plus room for one
         output token); whoever prefills gets the prompt tokens it does not
@@ -91,14 +106,26 @@ class LoadView:
         """
         n = request.num_prompt_tokens
         decoder = self._loads[decision.decode_worker_id]
-        decode_blocks = blocks_needed(n, decoder.block_size)
+        charges = [(decoder.worker_id, blocks_needed(n, decoder.block_size), 0)]
         if decision.prefill_worker_id is None:
-            self.reserve(decoder.worker_id, decode_blocks, uncached_prompt_tokens(request, decoder))
-            return
-        self.reserve(decoder.worker_id, decode_blocks, 0)
-        prefiller = self._loads[decision.prefill_worker_id]
-        prefill_blocks = -(-n // prefiller.block_size)
-        self.reserve(prefiller.worker_id, prefill_blocks, uncached_prompt_tokens(request, prefiller))
+            charges[0] = (decoder.worker_id, charges[0][1], uncached_prompt_tokens(request, decoder))
+        else:
+            prefiller = self._loads[decision.prefill_worker_id]
+            charges.append((prefiller.worker_id, -(-n // prefiller.block_size), uncached_prompt_tokens(request, prefiller)))
+        for worker_id, num_blocks, num_tokens in charges:
+            self.reserve(worker_id, num_blocks, num_tokens)
+        return Reservation(tuple(charges))
+
+    def release(self, reservation: Reservation) -> None:
+        """The request ``reservation`` was made for has ended: give its blocks and queue share back to the picture
+        (never past the worker's total, never below zero). Workers no longer known are skipped."""
+        for worker_id, num_blocks, num_tokens in reservation.charges:
+            load = self._loads.get(worker_id)
+            if load is None:
+                continue
+            load.num_free_blocks = min(load.num_total_blocks, load.num_free_blocks + num_blocks)
+            load.num_queued_tokens = max(0, load.num_queued_tokens - num_tokens)
+            load.num_waiting = max(0, load.num_waiting - 1)
 
     def _view(self, load: WorkerLoad, now: float) -> WorkerLoad:
         is_fresh = now - load.updated_at <= self.max_age_s

@@ -48,7 +48,7 @@ from splitserve.metrics import Metrics
 from splitserve.migration import NotMigrated, StreamBroken, StreamProgress, plan_migration
 from splitserve.scheduler import (
     Fallback, LeastLoadedPolicy, NoWorkerAvailable, PairDecision, PairingPolicy, PairRequest, QueueWaitEstimator,
-    ServingState, WorkerBusy, WorkerLoad, serving_state,
+    Reservation, ServingState, WorkerBusy, WorkerLoad, serving_state,
 )
 from splitserve.scheduler.worker_registry import WorkerRegistry
 
@@ -161,16 +161,19 @@ class Router:
         """The registry's loads with the prefill rates admission measured (the policy's SLO rule reads them)."""
         return [replace(w, prefill_tokens_per_s=self.admission.tokens_per_s(w.worker_id)) for w in self.registry.loads()]
 
-    def _pick(self, req: RoutedRequest, exclude: set[str], local_only: bool, resume: ResumeRequest | None) -> PairDecision:
+    def _pick(
+        self, req: RoutedRequest, exclude: set[str], local_only: bool, resume: ResumeRequest | None,
+    ) -> tuple[PairDecision, Reservation]:
+        """The pair for this attempt, charged to the load view until the attempt ends (``LoadView.release``)."""
         loads = self._loads()
         pair_req = self._pair_request(req, loads, resume, local_only)
         decision = self.policy.pick(pair_req, loads, frozenset(exclude))
-        self.registry.view.reserve_decision(decision, pair_req)
+        reservation = self.registry.view.reserve_decision(decision, pair_req)
         if decision.fallback is not None:
             self._fallback(decision.fallback)
         elif local_only and resume is None:
             self._fallback(Fallback.RETRY_LOCAL_PREFILL)
-        return decision
+        return decision, reservation
 
     # ---- serving -----------------------------------------------------------------
     async def stream(self, req: RoutedRequest) -> AsyncIterator[OutputChunk]:
@@ -209,7 +212,7 @@ class Router:
         for attempt in range(1, self.max_attempts + 1):
             local_only = resume is not None or (attempt == self.max_attempts and attempt > 1)
             try:
-                decision = self._pick(req, exclude, local_only, resume)
+                decision, reservation = self._pick(req, exclude, local_only, resume)
             except NoWorkerAvailable as e:
                 if last_error is None:
                     raise
@@ -241,6 +244,8 @@ class Router:
                 self.metrics.retries.labels("decode_failed").inc()
                 self._fallback("retry_decode_failed")
                 logger.warning("request %s attempt %d failed: %s", req.req_id, attempt, last_error)
+            finally:  # however the attempt ended, its blocks are free again on the worker (or were never taken)
+                self.registry.view.release(reservation)
         if _is_busy(last_error):
             raise NoWorkerAvailable(f"request {req.req_id}: no decode worker had room: {last_error}") from last_error
         raise RequestFailed(f"request {req.req_id} failed after {self.max_attempts} attempts: {_last(last_error)}") from last_error

@@ -136,3 +136,33 @@ def test_remove_and_bad_max_age():
     assert view.snapshot() == []
     with pytest.raises(ValueError, match="max_age_s"):
         LoadView(max_age_s=0)
+
+
+def test_release_gives_a_finished_request_s_share_back_at_once():
+    """A short request ends before the next report: without the release, the one after it on an idle worker
+    would be refused on a picture still showing the finished request's blocks taken."""
+    view = make_view(load("d0", num_free_blocks=10), load("p0", WorkerRole.PREFILL, num_free_blocks=10))
+    policy = LeastLoadedPolicy()
+    first = policy.pick(req(0, 100), view.snapshot())  # 7 blocks of 16 on each side
+    reservation = view.reserve_decision(first, req(0, 100))
+    assert reservation.charges == (("d0", 7, 0), ("p0", 7, 100))
+    assert view.get("d0").num_free_blocks == 3
+    with pytest.raises(Exception, match="full"):
+        policy.pick(req(1, 100), view.snapshot())
+    view.release(reservation)
+    got = view.get("d0")
+    assert (got.num_free_blocks, got.num_waiting) == (10, 0)
+    assert view.get("p0").num_queued_tokens == 0
+    assert policy.pick(req(1, 100), view.snapshot()).decode_worker_id == "d0"
+
+
+def test_release_after_a_report_never_overfills_and_skips_workers_gone():
+    view = make_view(load("d0", num_free_blocks=100))
+    reservation = view.reserve_decision(LeastLoadedPolicy(local_prefill_threshold_tokens=1000).pick(req(0, 100), view.snapshot()), req(0, 100))
+    view.update(load("d0", num_free_blocks=97, num_queued_tokens=0))  # the worker already freed most of it
+    view.release(reservation)
+    got = view.get("d0")
+    assert (got.num_free_blocks, got.num_queued_tokens, got.num_waiting) == (100, 0, 0)  # capped at the total
+    view.remove("d0")
+    view.release(reservation)  # ignored
+    assert "d0" not in view

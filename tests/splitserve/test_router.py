@@ -11,6 +11,7 @@ worker holds no KV block, reservation or NIXL request (``Stack.__aexit__`` / ``s
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -242,6 +243,25 @@ def test_single_full_decode_worker_answers_503_with_retry_after(aio, shared, own
             r = await c.post("/v1/completions", json={"prompt": list(range(5, 205)), "max_tokens": 4})
             assert r.status_code == 400, r.text
             assert r.json()["error"]["param"] == "prompt" and "shorten the prompt" in r.json()["error"]["message"]
+
+    aio.run(body())
+
+
+def test_requests_one_after_another_fit_a_worker_whose_picture_is_stale(aio, shared, own, tiny_model):
+    """The router's picture is refreshed rarely (STALE_VIEW) and the decode worker holds one of these requests at a
+    time: each finished request gives its blocks back to the picture, so the next is served, not refused (503)."""
+    small = make_decode(tiny_model, "decode-small", num_kv_blocks=8)  # 128 token slots; each request takes 5 blocks
+    own.append(small)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(5, 4000) for _ in range(70)] for _ in range(3)]
+
+    async def body():
+        async with Stack(tiny_model, [shared["p1"]], [small], **STALE_VIEW) as s, s.client() as c:
+            for i, prompt in enumerate(prompts):
+                r = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4, **({"stream": True} if i else {})})
+                assert r.status_code == 200, (i, r.text)
+            assert small.num_requests == 3 and retries(s, "decode_busy") == 0
+            assert s.core.registry.view.get("decode-small").num_free_blocks == 8
 
     aio.run(body())
 
