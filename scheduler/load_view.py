@@ -7,13 +7,15 @@ policy sees the workers fill up and spreads the burst instead of sending it
 all to whichever worker looked emptiest at the last report. The next report
 from a worker replaces the optimistic figures with the real ones. When the
 request ends (finished, failed or cancelled) the glue hands its ``Reservation``
-back to ``release``: the blocks return to the picture at once, so a request that
-follows a finished one on an idle worker is not refused on a picture that still
-shows the finished one's blocks taken (reports come every half second or so,
-a short request is over sooner). A report taken after the worker freed the
-blocks but received before the release overstates the free blocks by that one
-request's until the next report; a worker that then lacks room refuses the
-reservation and the router tries the next one, as for any stale picture.
+back to ``release``. With no report from that worker since, the charge is
+undone exactly. After a report, that report already counted the request as it
+then was, so only what it may still have shown taken comes back: the decode
+worker's blocks, held until the request ends (a request that follows a short
+one closely is not refused on a picture that still shows the finished one's
+blocks taken). A report taken after the worker freed them but received before
+the release overstates that worker's free blocks by one request's until the
+next report; a worker that then lacks room refuses the reservation and the
+router tries the next, as for any stale picture.
 
 A worker whose last report is older than ``max_age_s`` is shown as unhealthy
 (it may be dead or partitioned); ``mark_unhealthy`` does the same at once when
@@ -36,10 +38,21 @@ from splitserve.scheduler.types import PairDecision, PairRequest, WorkerLoad
 
 
 @dataclass(frozen=True, slots=True)
-class Reservation:
-    """What ``reserve_decision`` charged, per worker: (worker_id, KV blocks, prompt tokens)."""
+class Charge:
+    """What one placement charged one worker's picture, and which of that worker's reports it was made on."""
 
-    charges: tuple[tuple[str, int, int], ...]
+    worker_id: str
+    report_number: int
+    num_blocks: int
+    num_tokens: int
+    held_to_the_end: bool  # the decode worker's blocks: held until the request ends
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ``reserve_decision`` charged, one ``Charge`` per worker (decode first)."""
+
+    charges: tuple[Charge, ...]
 
 
 class LoadView:
@@ -51,6 +64,7 @@ class LoadView:
         self.max_age_s = max_age_s
         self._clock = clock
         self._loads: dict[str, WorkerLoad] = {}
+        self._report_numbers: dict[str, int] = {}  # reports taken per worker, to tell a charge's report from a newer one
 
     def __len__(self) -> int:
         return len(self._loads)
@@ -61,6 +75,7 @@ class LoadView:
     def update(self, load: WorkerLoad) -> None:
         """Take a fresh report; it replaces the previous one and any reservations made since."""
         self._loads[load.worker_id] = replace(load, updated_at=self._clock())
+        self._report_numbers[load.worker_id] = self._report_numbers.get(load.worker_id, 0) + 1
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker (it left the cluster). Unknown ids are ignored."""
@@ -98,7 +113,7 @@ class LoadView:
         load.num_waiting += 1
 
     def reserve_decision(self, decision: PairDecision, request: PairRequest) -> Reservation:
-        """Apply ``reserve`` to the worker(s) a decision names, with the request's sizes; ``release`` undoes it.
+        """Apply ``reserve`` to the worker(s) a decision names, with the request's sizes; ``release`` gives it back.
 
         The decode worker always gets the prompt's blocks (plus room for one
         output token); whoever prefills gets the prompt tokens it does not
@@ -106,26 +121,32 @@ class LoadView:
         """
         n = request.num_prompt_tokens
         decoder = self._loads[decision.decode_worker_id]
-        charges = [(decoder.worker_id, blocks_needed(n, decoder.block_size), 0)]
+        decode_blocks = blocks_needed(n, decoder.block_size)
         if decision.prefill_worker_id is None:
-            charges[0] = (decoder.worker_id, charges[0][1], uncached_prompt_tokens(request, decoder))
+            charges = [(decoder.worker_id, decode_blocks, uncached_prompt_tokens(request, decoder), True)]
         else:
             prefiller = self._loads[decision.prefill_worker_id]
-            charges.append((prefiller.worker_id, -(-n // prefiller.block_size), uncached_prompt_tokens(request, prefiller)))
-        for worker_id, num_blocks, num_tokens in charges:
+            charges = [
+                (decoder.worker_id, decode_blocks, 0, True),
+                (prefiller.worker_id, -(-n // prefiller.block_size), uncached_prompt_tokens(request, prefiller), False),
+            ]
+        for worker_id, num_blocks, num_tokens, _ in charges:
             self.reserve(worker_id, num_blocks, num_tokens)
-        return Reservation(tuple(charges))
+        return Reservation(tuple(Charge(wid, self._report_numbers[wid], b, t, held) for wid, b, t, held in charges))
 
     def release(self, reservation: Reservation) -> None:
-        """The request ``reservation`` was made for has ended: give its blocks and queue share back to the picture
-        (never past the worker's total, never below zero). Workers no longer known are skipped."""
-        for worker_id, num_blocks, num_tokens in reservation.charges:
-            load = self._loads.get(worker_id)
+        """The request ``reservation`` was made for has ended: undo its charges (see the module docstring for a
+        worker that reported since). Never past a worker's total blocks or below zero; workers gone are skipped."""
+        for charge in reservation.charges:
+            load = self._loads.get(charge.worker_id)
             if load is None:
                 continue
-            load.num_free_blocks = min(load.num_total_blocks, load.num_free_blocks + num_blocks)
-            load.num_queued_tokens = max(0, load.num_queued_tokens - num_tokens)
-            load.num_waiting = max(0, load.num_waiting - 1)
+            same_report = self._report_numbers[charge.worker_id] == charge.report_number
+            if same_report or charge.held_to_the_end:
+                load.num_free_blocks = min(load.num_total_blocks, load.num_free_blocks + charge.num_blocks)
+            if same_report:
+                load.num_queued_tokens = max(0, load.num_queued_tokens - charge.num_tokens)
+                load.num_waiting = max(0, load.num_waiting - 1)
 
     def _view(self, load: WorkerLoad, now: float) -> WorkerLoad:
         is_fresh = now - load.updated_at <= self.max_age_s
