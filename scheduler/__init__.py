@@ -7,7 +7,7 @@ a ``PairingPolicy`` for a ``PairDecision`` per request.
 from __future__ import annotations
 
 from splitserve.scheduler.admission import QueueWaitEstimator
-from splitserve.scheduler.load_view import Charge, LoadView, Reservation
+from splitserve.scheduler.load_view import LoadView, Reservation
 from splitserve.scheduler.policy import (
     LeastLoadedPolicy,
     blocks_needed,
@@ -33,7 +33,6 @@ __all__ = [
     "WorkerBusy",
     "Fallback",
     "LeastLoadedPolicy",
-    "Charge",
     "LoadView",
     "Reservation",
     "NoWorkerAvailable",

@@ -5,17 +5,19 @@ Between two reports the router may place a burst of requests; ``reserve``
 adjusts the cached load as if each placement had already landed, so the
 policy sees the workers fill up and spreads the burst instead of sending it
 all to whichever worker looked emptiest at the last report. The next report
-from a worker replaces the optimistic figures with the real ones. When the
-request ends (finished, failed or cancelled) the glue hands its ``Reservation``
-back to ``release``. With no report from that worker since, the charge is
-undone exactly. After a report, that report already counted the request as it
-then was, so only what it may still have shown taken comes back: the decode
-worker's blocks, held until the request ends (a request that follows a short
-one closely is not refused on a picture that still shows the finished one's
-blocks taken). A report taken after the worker freed them but received before
-the release overstates that worker's free blocks by one request's until the
-next report; a worker that then lacks room refuses the reservation and the
-router tries the next, as for any stale picture.
+from a worker replaces the optimistic figures with the real ones.
+
+When the request ends (finished, failed or cancelled) the glue hands its
+``Reservation`` back to ``release``, which returns the decode worker's blocks to
+the picture at once (never past its total): the worker holds them until then,
+and a request that follows a short one closely must not be refused on a picture
+that still shows the finished one's blocks taken. The queue shares (prompt
+tokens, a waiting request) stay until the next report, as the burst spreading
+above needs; they only make a worker look busier for one report interval. A
+report taken after the worker freed the blocks but received before the release
+overstates its free blocks by one request's until the next report; a worker
+that then lacks room refuses the reservation and the router tries the next, as
+for any stale picture.
 
 A worker whose last report is older than ``max_age_s`` is shown as unhealthy
 (it may be dead or partitioned); ``mark_unhealthy`` does the same at once when
@@ -38,21 +40,11 @@ from splitserve.scheduler.types import PairDecision, PairRequest, WorkerLoad
 
 
 @dataclass(frozen=True, slots=True)
-class Charge:
-    """What one placement charged one worker's picture, and which of that worker's reports it was made on."""
-
-    worker_id: str
-    report_number: int
-    num_blocks: int
-    num_tokens: int
-    held_to_the_end: bool  # the decode worker's blocks: held until the request ends
-
-
-@dataclass(frozen=True, slots=True)
 class Reservation:
-    """What ``reserve_decision`` charged, one ``Charge`` per worker (decode first)."""
+    """The KV blocks one placement charged its decode worker's picture (``release`` gives them back)."""
 
-    charges: tuple[Charge, ...]
+    decode_worker_id: str
+    num_blocks: int
 
 
 class LoadView:
@@ -64,7 +56,6 @@ class LoadView:
         self.max_age_s = max_age_s
         self._clock = clock
         self._loads: dict[str, WorkerLoad] = {}
-        self._report_numbers: dict[str, int] = {}  # reports taken per worker, to tell a charge's report from a newer one
 
     def __len__(self) -> int:
         return len(self._loads)
@@ -75,7 +66,6 @@ class LoadView:
     def update(self, load: WorkerLoad) -> None:
         """Take a fresh report; it replaces the previous one and any reservations made since."""
         self._loads[load.worker_id] = replace(load, updated_at=self._clock())
-        self._report_numbers[load.worker_id] = self._report_numbers.get(load.worker_id, 0) + 1
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker (it left the cluster). Unknown ids are ignored."""
@@ -113,40 +103,30 @@ class LoadView:
         load.num_waiting += 1
 
     def reserve_decision(self, decision: PairDecision, request: PairRequest) -> Reservation:
-        """Apply ``reserve`` to the worker(s) a decision names, with the request's sizes; ``release`` gives it back.
+        """Apply ``reserve`` to the worker(s) a decision names, with the request's sizes.
 
         The decode worker always gets the prompt's blocks (plus room for one
         output token); whoever prefills gets the prompt tokens it does not
-        already cache in its prefix cache.
+        already cache in its prefix cache. ``release`` gives the decode blocks back.
         """
         n = request.num_prompt_tokens
         decoder = self._loads[decision.decode_worker_id]
         decode_blocks = blocks_needed(n, decoder.block_size)
         if decision.prefill_worker_id is None:
-            charges = [(decoder.worker_id, decode_blocks, uncached_prompt_tokens(request, decoder), True)]
+            self.reserve(decoder.worker_id, decode_blocks, uncached_prompt_tokens(request, decoder))
         else:
+            self.reserve(decoder.worker_id, decode_blocks, 0)
             prefiller = self._loads[decision.prefill_worker_id]
-            charges = [
-                (decoder.worker_id, decode_blocks, 0, True),
-                (prefiller.worker_id, -(-n // prefiller.block_size), uncached_prompt_tokens(request, prefiller), False),
-            ]
-        for worker_id, num_blocks, num_tokens, _ in charges:
-            self.reserve(worker_id, num_blocks, num_tokens)
-        return Reservation(tuple(Charge(wid, self._report_numbers[wid], b, t, held) for wid, b, t, held in charges))
+            prefill_blocks = -(-n // prefiller.block_size)
+            self.reserve(prefiller.worker_id, prefill_blocks, uncached_prompt_tokens(request, prefiller))
+        return Reservation(decoder.worker_id, decode_blocks)
 
     def release(self, reservation: Reservation) -> None:
-        """The request ``reservation`` was made for has ended: undo its charges (see the module docstring for a
-        worker that reported since). Never past a worker's total blocks or below zero; workers gone are skipped."""
-        for charge in reservation.charges:
-            load = self._loads.get(charge.worker_id)
-            if load is None:
-                continue
-            same_report = self._report_numbers[charge.worker_id] == charge.report_number
-            if same_report or charge.held_to_the_end:
-                load.num_free_blocks = min(load.num_total_blocks, load.num_free_blocks + charge.num_blocks)
-            if same_report:
-                load.num_queued_tokens = max(0, load.num_queued_tokens - charge.num_tokens)
-                load.num_waiting = max(0, load.num_waiting - 1)
+        """The request ``reservation`` was made for has ended: its decode blocks are free again (see the module
+        docstring). Never past the worker's total; a worker no longer known is skipped."""
+        load = self._loads.get(reservation.decode_worker_id)
+        if load is not None:
+            load.num_free_blocks = min(load.num_total_blocks, load.num_free_blocks + reservation.num_blocks)
 
     def _view(self, load: WorkerLoad, now: float) -> WorkerLoad:
         is_fresh = now - load.updated_at <= self.max_age_s
