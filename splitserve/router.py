@@ -164,7 +164,7 @@ class Router:
     def _pick(
         self, req: RoutedRequest, exclude: set[str], local_only: bool, resume: ResumeRequest | None,
     ) -> tuple[PairDecision, Reservation]:
-        """The pair for this attempt, charged to the load view until the attempt ends (``LoadView.release``)."""
+        """The pair for this attempt; its decode blocks stay charged to the load view until the attempt ends (``LoadView.release``)."""
         loads = self._loads()
         pair_req = self._pair_request(req, loads, resume, local_only)
         decision = self.policy.pick(pair_req, loads, frozenset(exclude))

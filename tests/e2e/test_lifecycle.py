@@ -46,10 +46,15 @@ def test_clients_leaving_at_every_moment_free_every_block_at_once(apps):
 
 
 def _serving_decode(url: str, before: dict[str, int], timeout_s: float = 10.0) -> str:
-    """The decode worker whose request count went up since ``before`` (load reports lag a poll behind)."""
+    """The decode worker whose request count went up since ``before`` and that is running a request now (load
+    reports lag a poll behind: a report of an earlier test's request arriving late raises the other worker's
+    count too, but that worker runs nothing)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        grew = [w["worker_id"] for w in admin(url)["workers"] if w["role"] == "decode" and w["num_requests"] > before[w["worker_id"]]]
+        grew = [
+            w["worker_id"] for w in admin(url)["workers"]
+            if w["role"] == "decode" and w["num_requests"] > before[w["worker_id"]] and w["num_running"] > 0
+        ]
         if grew:
             assert len(grew) == 1, grew
             return grew[0]
