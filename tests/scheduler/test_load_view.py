@@ -9,6 +9,7 @@ import pytest
 from splitserve.scheduler import (
     LeastLoadedPolicy,
     LoadView,
+    NoWorkerAvailable,
     PairRequest,
     WorkerLoad,
     WorkerRole,
@@ -148,7 +149,7 @@ def test_release_gives_the_decode_blocks_back_at_once_and_keeps_the_queue_shares
     reservation = view.reserve_decision(first, req(0, 100))
     assert (reservation.decode_worker_id, reservation.num_blocks) == ("d0", 7)
     assert view.get("d0").num_free_blocks == 3
-    with pytest.raises(Exception, match="full"):
+    with pytest.raises(NoWorkerAvailable, match="full"):
         policy.pick(req(1, 100), view.snapshot())
     view.release(reservation)
     d0, p0 = view.get("d0"), view.get("p0")
