@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when
 ``stream``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus),
-``GET /admin/workers`` (per-worker load and KV blocks in use).
+``GET /admin/workers`` (per-worker load and KV blocks in use), ``GET /admin/requests``
+(this replica's requests in flight and the decode worker streaming each).
 
 Every bad request is answered with a 4xx and OpenAI's error body naming the
 problem: malformed JSON, lone surrogates, nesting or integers it cannot hold
@@ -316,6 +317,13 @@ def build_http_app(core: IngressCore) -> FastAPI:
         # + serving state, fallbacks, migrations, cleanups; the planner's last decision per role when it runs
         imbalance = {role: v["imbalance"] for role, v in spread.items()}  # max/mean per role; 1.0 is even
         return {"workers": workers, "imbalance": imbalance, **core.router.summary(), **({"planner": planner} if planner else {})}
+
+    @app.get("/admin/requests", response_model=None)
+    async def requests_in_flight(request: Request) -> dict | JSONResponse:
+        raw = request.query_params.get("limit", "100")
+        if not raw.isdigit() or int(raw) > 10_000:
+            return APIError(400, f"limit must be an integer in [0, 10000]; got {raw[:20]!r}", param="limit").response()
+        return core.router.in_flight_view(int(raw))
 
     return app
 

@@ -17,6 +17,7 @@ migrated ``migration_limit`` times, and failures that are the request's own
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from splitserve.engine.sampling_params import SamplingParams
@@ -32,6 +33,7 @@ class StreamProgress:
     num_sent_chars: int = 0
     num_migrations: int = 0
     worker_ids: list[str] = field(default_factory=list)  # the workers that streamed it, in order
+    started: float = field(default_factory=time.monotonic)
 
     def record(self, chunk: OutputChunk) -> None:
         self.output_token_ids.extend(chunk.new_token_ids)

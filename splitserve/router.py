@@ -86,6 +86,7 @@ class Router:
         self.migration_limit = migration_limit
         self.fallback_counts: Counter[str] = Counter()
         self.num_migrations = 0
+        self.in_flight: dict[str, StreamProgress] = {}  # by request id, while it streams (``/admin/requests``)
         self.admission = QueueWaitEstimator(max_queue_wait_s)
         registry.report_hooks.append(self._on_report)
         # cleanups run detached (callers wait 2 s at most), so they may wait out a replica restart: a call to a
@@ -126,6 +127,22 @@ class Router:
                 "max_queue_wait_s": self.admission.max_queue_wait_s,
                 "prefill_tokens_per_s": {w: round(r, 1) for w, r in sorted(rates.items()) if r is not None},
             },
+        }
+
+    def in_flight_view(self, limit: int = 100) -> dict[str, Any]:
+        """``/admin/requests``: this ingress replica's requests in flight, oldest first, and where each streams now."""
+        now = time.monotonic()
+        oldest = sorted(self.in_flight.items(), key=lambda item: item[1].started)[:limit]
+        return {
+            "num_in_flight": len(self.in_flight),
+            "requests": [
+                {
+                    "req_id": req_id, "age_s": round(now - p.started, 3), "num_output_tokens": len(p.output_token_ids),
+                    "decode_worker_id": p.worker_ids[-1] if p.worker_ids else None,  # None until its first token
+                    "migrations": p.num_migrations,
+                }
+                for req_id, p in oldest
+            ],
         }
 
     # ---- choosing workers --------------------------------------------------------
@@ -177,7 +194,16 @@ class Router:
 
     # ---- serving -----------------------------------------------------------------
     async def stream(self, req: RoutedRequest) -> AsyncIterator[OutputChunk]:
-        progress = StreamProgress()
+        progress = self.in_flight[req.req_id] = StreamProgress()
+        try:
+            async with contextlib.aclosing(self._migrating(req, progress)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            self.in_flight.pop(req.req_id, None)
+
+    async def _migrating(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[OutputChunk]:
+        """The request's chunks; a stream broken after its first chunk resumes on another worker (``plan_migration``)."""
         resume: ResumeRequest | None = None
         exclude: set[str] = set()
         while True:

@@ -242,7 +242,7 @@ def test_api_key_guards_everything_but_health(aio, workers, tiny_model):
                 r = await c.post("/v1/completions", json=req, headers=headers)
                 assert r.status_code == 401, (headers, r.text)
                 assert r.json()["error"]["type"] == "AuthenticationError" and "API key" in r.json()["error"]["message"]
-            for path in ("/v1/models", "/admin/workers", "/metrics", "/docs", "/openapi.json", "/redoc"):
+            for path in ("/v1/models", "/admin/workers", "/admin/requests", "/metrics", "/docs", "/openapi.json", "/redoc"):
                 assert (await c.get(path)).status_code == 401, path  # tenant names and the API's shape are the operator's
             # an unauthenticated bad body is refused for the key, not parsed
             r = await c.post("/v1/completions", content=b"{not json")
@@ -252,6 +252,8 @@ def test_api_key_guards_everything_but_health(aio, workers, tiny_model):
             assert r.status_code == 200, r.text
             assert (await c.get("/v1/models", headers=good)).status_code == 200
             assert (await c.get("/admin/workers", headers=good)).status_code == 200
+            assert (await c.get("/admin/requests", headers=good)).json() == {"num_in_flight": 0, "requests": []}
+            assert (await c.get("/admin/requests?limit=-1", headers=good)).status_code == 400
             assert (await c.get("/health")).status_code == 200
             for path in ("/metrics", "/docs", "/openapi.json"):
                 assert (await c.get(path, headers=good)).status_code == 200, path

@@ -40,8 +40,12 @@ async def stream_and_kill(s: Stack, after_chunks: int, max_tokens: int = MAX_TOK
             busy = [w for wid, w in {**s.decode_workers, **s.prefill_workers}.items()
                     if w.engine.has_unfinished_requests() and wid not in killed]
             assert len(busy) == 1, [w.worker_id for w in busy]
+            shown = {r["req_id"]: r for r in s.core.router.in_flight_view()["requests"]}[rreq.req_id]
+            assert shown["decode_worker_id"] == busy[0].worker_id and shown["migrations"] == len(killed), shown
+            assert shown["num_output_tokens"] == len(ids)
             killed.append(busy[0].worker_id)
             s.handles[busy[0].worker_id].kill()
+    assert rreq.req_id not in s.core.router.in_flight, "a finished request leaves /admin/requests"
     return ids, "".join(text), killed
 
 
