@@ -8,9 +8,7 @@ longer than the budget is prefilled in chunks over several steps. A step that
 also decodes gives prompts at most ``max_prefill_tokens_beside_decodes`` of its
 budget, so a new prompt delays the running streams by a bounded chunk, not by its
 whole length (a step with no decodes still prefills as much as the budget allows,
-which is what a lone request's time to first token wants); with a ``PrefillPacer``
-such a step computes only as many prompt tokens as keep every queued prompt on
-course for its prefill deadline (``engine.prefill_pacer``). When a running
+which is what a lone request's time to first token wants). When a running
 sequence needs a block and none is free, the most recently arrived running
 sequence is preempted (blocks freed, recomputed later); nothing ever crashes on a
 full pool.
@@ -22,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.engine.block_pool import BlockPool, compute_block_hashes
-from splitserve.engine.prefill_pacer import PrefillPacer
 from splitserve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -57,12 +54,8 @@ class SchedulerOutput:
 
 
 class BatchScheduler:
-    def __init__(
-        self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int, max_prefill_tokens_beside_decodes: int | None = None,
-        pacer: PrefillPacer | None = None,
-    ):
+    def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int, max_prefill_tokens_beside_decodes: int | None = None):
         self.pool = pool
-        self.pacer = pacer
         self.block_size = pool.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -137,24 +130,17 @@ class BatchScheduler:
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
 
-    def _prefill_budget(self, now: float | None) -> int:
-        """Most prompt tokens this step may compute: all of the budget, unless running streams decode beside them
-        (then the fixed limit, and what the pacer allows at ``now``)."""
-        full = self.max_num_batched_tokens
-        if not any(seq.num_uncomputed_tokens == 1 for seq in self.running):
-            return full
-        limit = min(full, self.max_prefill_tokens_beside_decodes or full)
-        if self.pacer is None or now is None:
-            return limit
-        prompts = [(s.arrival_time, s.num_uncomputed_tokens) for s in self.running if s.num_uncomputed_tokens > 1]
-        prompts += [(s.arrival_time, s.num_uncomputed_tokens) for s in self.waiting]
-        return min(limit, self.pacer.budget(now, prompts, full))
+    def _prefill_budget(self) -> int:
+        """Most prompt tokens this step may compute: all of the budget, unless running streams decode beside them."""
+        limit = self.max_prefill_tokens_beside_decodes
+        if limit is None or not any(seq.num_uncomputed_tokens == 1 for seq in self.running):
+            return self.max_num_batched_tokens
+        return limit
 
-    def schedule(self, now: float | None = None) -> SchedulerOutput:
-        """The next step's chunks; ``now`` (the engine's clock) lets the pacer, if any, size the prompt chunks."""
+    def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        prefill_budget = self._prefill_budget(now)
+        prefill_budget = self._prefill_budget()
         scheduled: list[ScheduledChunk] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted below by an earlier sequence

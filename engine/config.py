@@ -35,11 +35,6 @@ class EngineConfig(BaseModel):
         None, ge=1, description="most prompt tokens in a step that also decodes (bounds how long a new prompt stalls the running "
         "streams; steps without decodes still take the whole budget); None = the whole budget",
     )
-    prefill_deadline_s: float | None = Field(
-        None, gt=0, description="in a step that also decodes, compute only as many prompt tokens as keep every queued prompt on "
-        "course to finish its prefill this long after it arrived (smaller chunks, smoother streams while the worker keeps up; "
-        "a late prompt takes the whole budget); None = off. mode: auto's aggregated workers default to half of slo.ttft_s",
-    )
     max_num_seqs: int = Field(128, ge=1, description="most sequences running at once")
     max_model_len: int | None = Field(None, ge=2, description="context limit; None = the model's max_position_embeddings")
     enable_prefix_caching: bool = True

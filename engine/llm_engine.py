@@ -30,7 +30,6 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from splitserve.engine.prefill_pacer import PrefillPacer
 from splitserve.engine.sampler import SampleFailed, sample_rows
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import Sequence, SequenceStatus
@@ -58,10 +57,7 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_path, mc, self.max_model_len)
         self.block_size = self.runner.block_size
         self.pool = BlockPool(self.runner.num_blocks, self.block_size, cfg.enable_prefix_caching)
-        pacer = PrefillPacer(cfg.prefill_deadline_s) if cfg.prefill_deadline_s is not None else None
-        self.scheduler = BatchScheduler(
-            self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.max_prefill_tokens_beside_decodes, pacer,
-        )
+        self.scheduler = BatchScheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.max_prefill_tokens_beside_decodes)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -278,7 +274,7 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        sched = self.scheduler.schedule(time.monotonic())
+        sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
         logits = self.runner.execute(sched)
@@ -308,8 +304,6 @@ class LLMEngine:
         """Split a step's time over its sequences by the tokens each computed in it (a decode step: evenly)."""
         self.busy_s += elapsed_s
         self.num_step_tokens += sched.num_tokens
-        if self.scheduler.pacer is not None:
-            self.scheduler.pacer.observe(sum(c.num_new_tokens for c in sched.prefills), bool(sched.decodes), elapsed_s)
         if sched.decodes:
             self.decode_step_s = elapsed_s if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * elapsed_s
         per_token = elapsed_s / max(1, sched.num_tokens)

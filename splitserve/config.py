@@ -213,13 +213,10 @@ class ServeConfig(BaseModel):
         return self
 
     def _resolve_auto(self) -> None:
-        """``mode: auto`` becomes what ``choose_mode`` says; aggregated workers take over the prefill workers' CPUs and
-        pace prompts beside running streams to half of ``slo.ttft_s`` (``engine.prefill_deadline_s``, unless given)."""
+        """``mode: auto`` becomes what ``choose_mode`` says; aggregated workers take over the prefill workers' CPUs."""
         mode, reason = choose_mode(self)
         self.mode, self._mode_reason = mode, reason
         if mode == "aggregated":
-            if "prefill_deadline_s" not in self.engine.model_fields_set:
-                self.engine = self.engine.model_copy(update={"prefill_deadline_s": self.slo.ttft_s / 2})
             prefill_cpus = self.prefill_resources.num_cpus * self.num_prefill / self.num_decode  # both counts fixed here
             self.decode_resources = self.decode_resources.model_copy(update={"num_cpus": self.decode_resources.num_cpus + prefill_cpus})
             self.num_prefill = 0

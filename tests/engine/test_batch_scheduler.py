@@ -14,7 +14,6 @@ import pytest
 
 from splitserve.engine.batch_scheduler import BatchScheduler, SchedulerOutput
 from splitserve.engine.block_pool import BlockPool, compute_block_hashes
-from splitserve.engine.prefill_pacer import PrefillPacer
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import Sequence, SequenceStatus
 
@@ -325,20 +324,3 @@ def test_random_workload_on_a_tiny_pool_always_completes(seed, prefix_caching):
         assert s.status in (SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
         if s.status is SequenceStatus.FINISHED_LENGTH:
             assert s.num_output_tokens == s.params.max_tokens
-
-
-def test_a_pacer_sizes_prompt_chunks_beside_decodes_only():
-    pacer = PrefillPacer(deadline_s=1.0, min_chunk=4)
-    pacer.step_s, pacer.token_s = 0.1, 0.0  # ten steps per deadline; tokens cost nothing
-    sched = BatchScheduler(BlockPool(64, BS, True), max_num_batched_tokens=64, max_num_seqs=16, pacer=pacer)
-    sched.add(make_seq("alone", 30))
-    assert scheduled(run_step(sched)) == [("alone", 30)]  # no stream decodes: the whole budget, paced or not
-    p = make_seq("p", 50)
-    p.arrival_time = 0.0
-    sched.add(p)
-    out = sched.schedule(now=0.0)  # 50 tokens, ten steps of time: 5 per step
-    assert scheduled(out) == [("alone", 1), ("p", 5)]
-    for chunk in out.chunks:
-        sched.advance(chunk)
-    sched.running[0].token_ids.append(SAMPLED)
-    assert scheduled(sched.schedule(now=0.55)) == [("alone", 1), ("p", 12)]  # 45 left in four steps' time: ceil(45 / 4)

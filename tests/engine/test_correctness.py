@@ -75,29 +75,25 @@ def test_both_spellings_read_alike(checkpoints, legacy_checkpoints, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("limit", [None, {"max_prefill_tokens_beside_decodes": 24}, {"prefill_deadline_s": 1e6}],
-                         ids=["unbounded", "beside24", "paced"])
-def test_arrivals_mid_run(checkpoints, make_llm, arch, limit):
-    """Half the prompts start; the rest join one by one while the first ones decode (with a fixed limit, a prompt
-    that joins running streams is computed 24 tokens per step, in steps that also decode; paced with a deadline
-    nothing is late for, in the pacer's smallest chunks)."""
+@pytest.mark.parametrize("beside_decodes", [None, 24])
+def test_arrivals_mid_run(checkpoints, make_llm, arch, beside_decodes):
+    """Half the prompts start; the rest join one by one while the first ones decode (with ``beside_decodes``,
+    a prompt that joins running streams is computed 24 tokens per step, in steps that also decode)."""
     path = checkpoints[arch]
     prompts = _prompts(_vocab(path), seed=7)
-    llm = make_llm(path, max_num_batched_tokens=512, num_kv_blocks=1024, **(limit or {}))
+    llm = make_llm(path, max_num_batched_tokens=512, num_kv_blocks=1024, max_prefill_tokens_beside_decodes=beside_decodes)
     engine = llm.engine
     beside = []  # prompt tokens of each step that also decoded a stream
     schedule = engine.scheduler.schedule
 
-    def recording_schedule(now=None):
+    def recording_schedule():
         streams = any(s.num_output_tokens > 0 and s.num_uncomputed_tokens == 1 for s in engine.scheduler.running)
-        out = schedule(now)
+        out = schedule()
         if streams and out.prefills:
             beside.append(sum(c.num_new_tokens for c in out.prefills))
         return out
 
     engine.scheduler.schedule = recording_schedule
-    if engine.scheduler.pacer is not None:  # as if it had measured steps already (its estimates: tests/engine/test_prefill_pacer.py)
-        engine.scheduler.pacer.step_s, engine.scheduler.pacer.token_s = 0.01, 0.001
     ids = [engine.add_request(p, GREEDY) for p in prompts[::2]]
     late = prompts[1::2]
     finals = {}
@@ -114,12 +110,7 @@ def test_arrivals_mid_run(checkpoints, make_llm, arch, limit):
         assert finals[req_id].token_ids == hf_greedy(path, p, MAX_TOKENS), f"prompt of {len(p)} tokens diverged"
     assert_no_leaks(engine)
     assert beside, "no prompt was computed beside running streams"
-    if limit is None:
-        assert max(beside) > 32
-    elif "max_prefill_tokens_beside_decodes" in limit:
-        assert max(beside) <= 24
-    else:
-        assert max(beside) <= 32, beside
+    assert max(beside) <= (beside_decodes or 512) and (beside_decodes is None) == (max(beside) > 24)
 
 
 def test_preemption_under_pool_pressure(checkpoints, make_llm):

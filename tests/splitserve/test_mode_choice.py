@@ -87,17 +87,3 @@ def test_the_prefill_tokens_beside_decodes_flag_reaches_the_engine_config():
     assert _cli("--max-prefill-tokens-beside-decodes", "256").engine.max_prefill_tokens_beside_decodes == 256
     with pytest.raises(ValueError, match="max_prefill_tokens_beside_decodes"):
         _cli("--max-prefill-tokens-beside-decodes", "0")
-
-
-def test_auto_paces_its_aggregated_workers_prompts_to_half_the_ttft_target():
-    assert ServeConfig(mode="auto").engine.prefill_deadline_s == 1.5  # slo.ttft_s 3 s
-    assert ServeConfig(mode="auto", slo={"ttft_s": 1.0}).engine.prefill_deadline_s == 0.5
-    assert ServeConfig(mode="auto", engine={"prefill_deadline_s": 4.0}).engine.prefill_deadline_s == 4.0  # given: kept
-    assert ServeConfig(mode="aggregated", num_prefill=0).engine.prefill_deadline_s is None  # a mode given: as configured
-    assert ServeConfig(mode="auto", decode_resources={"num_gpus": 1}).engine.prefill_deadline_s is None  # disaggregated
-    resolved = ServeConfig(mode="auto")
-    assert ServeConfig.model_validate(resolved.model_dump()).engine.prefill_deadline_s == 1.5  # what the replicas receive
-    assert _cli().engine.prefill_deadline_s == 1.5
-    assert _cli("--prefill-deadline-s", "0.8").engine.prefill_deadline_s == 0.8
-    with pytest.raises(ValueError, match="prefill_deadline_s"):
-        _cli("--prefill-deadline-s", "0")
