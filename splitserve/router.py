@@ -194,41 +194,40 @@ class Router:
 
     # ---- serving -----------------------------------------------------------------
     async def stream(self, req: RoutedRequest) -> AsyncIterator[OutputChunk]:
+        """The request's chunks; a stream broken after its first chunk resumes on another worker (``plan_migration``).
+        Listed in ``in_flight`` (``/admin/requests``) until it ends, however it ends."""
         progress = self.in_flight[req.req_id] = StreamProgress()
+        resume: ResumeRequest | None = None
+        exclude: set[str] = set()
         try:
-            async with contextlib.aclosing(self._migrating(req, progress)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            while True:
+                try:
+                    async with contextlib.aclosing(self._attempts(req, exclude, progress, resume)) as chunks:
+                        async for chunk in chunks:
+                            progress.record(chunk)
+                            yield chunk
+                    return
+                except StreamBroken as broken:
+                    resume = self._plan_migration(req, progress, broken)
+                    exclude = {broken.worker_id}
         finally:
             self.in_flight.pop(req.req_id, None)
 
-    async def _migrating(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[OutputChunk]:
-        """The request's chunks; a stream broken after its first chunk resumes on another worker (``plan_migration``)."""
-        resume: ResumeRequest | None = None
-        exclude: set[str] = set()
-        while True:
-            try:
-                async with contextlib.aclosing(self._attempts(req, exclude, progress, resume)) as chunks:
-                    async for chunk in chunks:
-                        progress.record(chunk)
-                        yield chunk
-                return
-            except StreamBroken as broken:
-                try:
-                    resume = plan_migration(
-                        req.req_id, req.prompt_token_ids, req.params, req.priority, progress, broken, self.migration_limit,
-                    )
-                except NotMigrated as e:
-                    raise RequestFailed(str(e)) from broken.cause
-                exclude = {broken.worker_id}
-                self.num_migrations += 1
-                self.metrics.migrations.inc()
-                self._fallback(Fallback.MIGRATION)
-                logger.warning(
-                    "request %s: %s failed after %d streamed tokens (%s); resuming elsewhere (migration %d of at most %d)",
-                    req.req_id, broken.worker_id, len(progress.output_token_ids), describe(broken.cause),
-                    progress.num_migrations, self.migration_limit,
-                )
+    def _plan_migration(self, req: RoutedRequest, progress: StreamProgress, broken: StreamBroken) -> ResumeRequest:
+        """The resumed request for a broken stream (counted and logged), or ``RequestFailed`` saying why not."""
+        try:
+            resume = plan_migration(req.req_id, req.prompt_token_ids, req.params, req.priority, progress, broken, self.migration_limit)
+        except NotMigrated as e:
+            raise RequestFailed(str(e)) from broken.cause
+        self.num_migrations += 1
+        self.metrics.migrations.inc()
+        self._fallback(Fallback.MIGRATION)
+        logger.warning(
+            "request %s: %s failed after %d streamed tokens (%s); resuming elsewhere (migration %d of at most %d)",
+            req.req_id, broken.worker_id, len(progress.output_token_ids), describe(broken.cause),
+            progress.num_migrations, self.migration_limit,
+        )
+        return resume
 
     async def _attempts(
         self, req: RoutedRequest, exclude: set[str], progress: StreamProgress, resume: ResumeRequest | None,
