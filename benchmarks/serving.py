@@ -51,10 +51,14 @@ FIXED_SPLIT_CONFIG = ROOT / "benchmarks" / "fixed_split.yaml"  # routing.slo_loc
 def splitserve_cmd(system: str, model: str, port: int, prefix_caching: bool = True) -> list[str]:
     """``splitserve-default`` (what ``splitserve serve`` does with no mode: ``mode: auto``, aggregated on CPU workers),
     ``splitserve-disagg`` (fixed 1P1D) / ``splitserve-agg``, optionally ``@N``: a prefill token budget of N per step, then
-    ``~M``: at most M prompt tokens in a step that also decodes (``splitserve-agg@1024~256``)."""
+    ``~M``: at most M prompt tokens in a step that also decodes (``splitserve-agg@1024~256``); a ``-fcfs`` suffix turns the
+    workers' scheduling to the SLO off (``splitserve-agg-fcfs``)."""
     base = [sys.executable, "-m", "splitserve.cli", "serve", "--model", model, "--port", str(port)]
     if not prefix_caching:
         base.append("--no-prefix-caching")
+    if system.endswith("-fcfs"):  # first come, first served: no scheduling to the SLO
+        base.append("--no-slo-scheduling")
+        system = system.removesuffix("-fcfs")
     system, _, beside = system.partition("~")
     if beside:
         base += ["--max-prefill-tokens-beside-decodes", beside]

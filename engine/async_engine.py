@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -183,7 +184,8 @@ class AsyncEngine:
         self, req_id: str, prompt: str | list[int], params: SamplingParams, *, priority: int = 0, keep_kv: bool = False,
         coalesce: bool = False,
     ) -> AsyncIterator[RequestOutput]:
-        add = lambda: self.engine.add_request(prompt, params, req_id, priority=priority, keep_kv=keep_kv)  # noqa: E731
+        arrived = time.monotonic()  # not when the step thread gets to it: a long step would hide that wait from its deadline
+        add = lambda: self.engine.add_request(prompt, params, req_id, priority=priority, keep_kv=keep_kv, arrival_time=arrived)  # noqa: E731
         return self.stream(req_id, add, coalesce=coalesce)
 
     async def abort(self, req_id: str) -> bool:

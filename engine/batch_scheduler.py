@@ -8,7 +8,10 @@ longer than the budget is prefilled in chunks over several steps. A step that
 also decodes gives prompts at most ``max_prefill_tokens_beside_decodes`` of its
 budget, so a new prompt delays the running streams by a bounded chunk, not by its
 whole length (a step with no decodes still prefills as much as the budget allows,
-which is what a lone request's time to first token wants). When a running
+which is what a lone request's time to first token wants). With latency targets
+(``engine.slo_policy``), prompts that can still meet the TTFT target are admitted
+before late ones, and prompt tokens beside decodes are limited to what keeps the
+running streams within the TPOT target. When a running
 sequence needs a block and none is free, the most recently arrived running
 sequence is preempted (blocks freed, recomputed later); nothing ever crashes on a
 full pool.
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 from splitserve.engine.block_pool import BlockPool, compute_block_hashes
 from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.slo_policy import LatencyTargets, StepCosts, may_join_step, order_waiting, prompt_token_allowance
 
 
 @dataclass(slots=True)
@@ -54,12 +58,17 @@ class SchedulerOutput:
 
 
 class BatchScheduler:
-    def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int, max_prefill_tokens_beside_decodes: int | None = None):
+    def __init__(
+        self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int, max_prefill_tokens_beside_decodes: int | None = None,
+        targets: LatencyTargets | None = None,
+    ):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens_beside_decodes = max_prefill_tokens_beside_decodes
+        self.targets = targets
+        self.costs = StepCosts()  # the engine reports each step's time (``observe``); only the targets' rules read it
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -130,17 +139,34 @@ class BatchScheduler:
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
 
-    def _prefill_budget(self) -> int:
+    def _prefill_budget(self, now: float | None) -> int:
         """Most prompt tokens this step may compute: all of the budget, unless running streams decode beside them."""
-        limit = self.max_prefill_tokens_beside_decodes
-        if limit is None or not any(seq.num_uncomputed_tokens == 1 for seq in self.running):
+        if not any(seq.num_uncomputed_tokens == 1 for seq in self.running):
             return self.max_num_batched_tokens
-        return limit
+        limit = self.max_prefill_tokens_beside_decodes
+        has_prompt_work = self.waiting or any(seq.num_uncomputed_tokens > 1 for seq in self.running)
+        if self.targets is not None and now is not None and has_prompt_work:  # (a plain decode step computes nothing here)
+            allowance = prompt_token_allowance(self.running, now, self.targets, self.costs)
+            if allowance is not None:
+                limit = allowance if limit is None else min(limit, allowance)
+        return self.max_num_batched_tokens if limit is None else limit
 
-    def schedule(self) -> SchedulerOutput:
+    def _order_waiting(self, now: float) -> set[str]:
+        """Reorders the queue by the latency targets; returns the ids of the prompts that would miss their TTFT."""
+        assert self.targets is not None
+        tokens_ahead = sum(seq.num_uncomputed_tokens for seq in self.running if seq.num_uncomputed_tokens > 1)
+        ordered, late = order_waiting(self.waiting, tokens_ahead, now, self.targets, self.costs)
+        self.waiting = deque(ordered)
+        return late
+
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """The next step's work; ``now`` (the engine's monotonic clock) drives the latency targets' rules, if any."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        prefill_budget = self._prefill_budget()
+        prefill_budget = self._prefill_budget(now)
+        targets = self.targets if now is not None else None
+        late = self._order_waiting(now) if targets is not None and self.waiting else set()
+        step_prompt_tokens, step_deadline = 0, float("inf")  # prompt tokens in this step; the earliest TTFT deadline among them
         scheduled: list[ScheduledChunk] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted below by an earlier sequence
@@ -165,9 +191,18 @@ class BatchScheduler:
             budget -= num_new
             if num_new > 1:
                 prefill_budget -= num_new
+                step_prompt_tokens += num_new
+                if targets is not None and not seq.num_output_tokens and seq.arrival_time + targets.ttft_s > now:
+                    step_deadline = min(step_deadline, seq.arrival_time + targets.ttft_s)
 
         while self.waiting and min(budget, prefill_budget) > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if targets is not None:
+                assert now is not None
+                if not may_join_step(seq, seq.req_id in late, step_prompt_tokens, step_deadline, now, targets, self.costs):
+                    break
+                if seq.req_id not in late and not seq.num_output_tokens:
+                    step_deadline = min(step_deadline, seq.arrival_time + targets.ttft_s)
             looked_up = not seq.block_ids
             if looked_up:
                 self._admit_prefix(seq)
@@ -185,6 +220,7 @@ class BatchScheduler:
             scheduled.append(ScheduledChunk(seq, num_new))
             budget -= num_new
             prefill_budget -= num_new
+            step_prompt_tokens += num_new
 
         for chunk in scheduled:
             is_decode = chunk.num_new_tokens == 1

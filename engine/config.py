@@ -12,7 +12,7 @@ import os
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from splitserve.engine.model_config import ModelConfig, parse_dtype
 
@@ -35,6 +35,12 @@ class EngineConfig(BaseModel):
         None, ge=1, description="most prompt tokens in a step that also decodes (bounds how long a new prompt stalls the running "
         "streams; steps without decodes still take the whole budget); None = the whole budget",
     )
+    slo_ttft_s: float | None = Field(
+        None, gt=0, description="with slo_tpot_s: schedule to these targets (prompts that can still meet the time to first token "
+        "go before late ones; prompt tokens beside decodes only as far as the streams' time per output token allows); "
+        "None = first come, first served",
+    )
+    slo_tpot_s: float | None = Field(None, gt=0, description="the time-per-output-token target of slo_ttft_s's scheduling")
     max_num_seqs: int = Field(128, ge=1, description="most sequences running at once")
     max_model_len: int | None = Field(None, ge=2, description="context limit; None = the model's max_position_embeddings")
     enable_prefix_caching: bool = True
@@ -52,6 +58,12 @@ class EngineConfig(BaseModel):
         if v != "auto":
             parse_dtype(v)
         return v
+
+    @model_validator(mode="after")
+    def _check_slo_pair(self) -> "EngineConfig":
+        if (self.slo_ttft_s is None) != (self.slo_tpot_s is None):
+            raise ValueError("set both slo_ttft_s and slo_tpot_s (scheduling to latency targets) or neither")
+        return self
 
     @field_validator("block_size")
     @classmethod

@@ -33,6 +33,7 @@ from splitserve.engine.outputs import CompletionOutput, RequestMetrics, RequestO
 from splitserve.engine.sampler import SampleFailed, sample_rows
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.slo_policy import LatencyTargets
 from splitserve.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,10 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model_path, mc, self.max_model_len)
         self.block_size = self.runner.block_size
         self.pool = BlockPool(self.runner.num_blocks, self.block_size, cfg.enable_prefix_caching)
-        self.scheduler = BatchScheduler(self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.max_prefill_tokens_beside_decodes)
+        targets = LatencyTargets(cfg.slo_ttft_s, cfg.slo_tpot_s) if cfg.slo_ttft_s is not None and cfg.slo_tpot_s is not None else None
+        self.scheduler = BatchScheduler(
+            self.pool, cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.max_prefill_tokens_beside_decodes, targets,
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -274,7 +278,7 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(time.monotonic())
         if sched.is_empty:
             return []
         logits = self.runner.execute(sched)
@@ -304,6 +308,7 @@ class LLMEngine:
         """Split a step's time over its sequences by the tokens each computed in it (a decode step: evenly)."""
         self.busy_s += elapsed_s
         self.num_step_tokens += sched.num_tokens
+        self.scheduler.costs.observe(sched.num_tokens - len(sched.decodes), len(sched.decodes), elapsed_s)
         if sched.decodes:
             self.decode_step_s = elapsed_s if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * elapsed_s
         per_token = elapsed_s / max(1, sched.num_tokens)

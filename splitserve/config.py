@@ -143,6 +143,11 @@ class SLOTargets(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ttft_s: float = Field(3.0, gt=0, description="time to first token")
     tpot_s: float = Field(0.15, gt=0, description="mean time per output token after the first")
+    schedule: bool = Field(
+        True, description="workers schedule to these targets: prompts that can still meet ttft_s go before late ones, and prompt "
+        "tokens beside running streams only as far as their tpot_s allows (engine.slo_ttft_s / slo_tpot_s, unless set there); "
+        "false: first come, first served",
+    )
 
 
 class PlannerSettings(BaseModel):
@@ -195,6 +200,8 @@ class ServeConfig(BaseModel):
             raise ValueError(f"num_decode must be >= 1, got {self.num_decode}")
         if self.mode == "auto":
             self._resolve_auto()
+        if self.slo.schedule and self.engine.slo_ttft_s is None:
+            self.engine = self.engine.model_copy(update={"slo_ttft_s": self.slo.ttft_s, "slo_tpot_s": self.slo.tpot_s})
         for role, replicas in (("num_prefill", self.num_prefill), ("num_decode", self.num_decode)):
             if isinstance(replicas, ReplicaRange) and replicas.min < 1:
                 # the pairing policy serves around a role with no replica (degraded mode), so neither Serve's

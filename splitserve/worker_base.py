@@ -214,7 +214,10 @@ class EngineWorker:
     async def generate(self, req: GenerateRequest, feed_id: str | None = None) -> AsyncIterator[OutputChunk]:
         """Prefill and decode here: aggregated mode, short prompts, fallbacks, and degraded mode
         (a prefill worker serving whole requests while no decode worker is healthy)."""
-        add = lambda: self.engine.add_request(req.prompt_token_ids, req.params, req.req_id, priority=req.priority)  # noqa: E731
+        arrived = time.monotonic()  # the request's deadlines count from here, not from when the step thread adds it
+        add = lambda: self.engine.add_request(  # noqa: E731
+            req.prompt_token_ids, req.params, req.req_id, priority=req.priority, arrival_time=arrived,
+        )
         async for chunk in self._stream_here(req.req_id, len(req.prompt_token_ids), add, feed_id, req.params.stream_interval):
             yield chunk
 

@@ -12,6 +12,7 @@ separate test checks that transformers reads both spellings into the same config
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from splitserve import SamplingParams
+from splitserve.engine.slo_policy import StepCosts
 from tests.helpers import assert_no_leaks, hf_greedy, hf_model
 
 pytestmark = pytest.mark.engine
@@ -75,20 +77,27 @@ def test_both_spellings_read_alike(checkpoints, legacy_checkpoints, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("beside_decodes", [None, 24])
+@pytest.mark.parametrize("beside_decodes", [None, 24, "slo"])
 def test_arrivals_mid_run(checkpoints, make_llm, arch, beside_decodes):
     """Half the prompts start; the rest join one by one while the first ones decode (with ``beside_decodes``,
-    a prompt that joins running streams is computed 24 tokens per step, in steps that also decode)."""
+    a prompt that joins running streams is computed 24 tokens per step, in steps that also decode; with "slo",
+    scheduling to latency targets cuts prompts into chunks of varied sizes beside the streams, from fixed costs:
+    a stream with n tokens out lets ~8n prompt tokens beside it)."""
     path = checkpoints[arch]
     prompts = _prompts(_vocab(path), seed=7)
-    llm = make_llm(path, max_num_batched_tokens=512, num_kv_blocks=1024, max_prefill_tokens_beside_decodes=beside_decodes)
+    slo = {"slo_ttft_s": 1000.0, "slo_tpot_s": 100.0} if beside_decodes == "slo" else {}
+    llm = make_llm(path, max_num_batched_tokens=512, num_kv_blocks=1024,
+                   max_prefill_tokens_beside_decodes=None if beside_decodes == "slo" else beside_decodes, **slo)
     engine = llm.engine
+    if slo:
+        engine.scheduler.targets = dataclasses.replace(engine.scheduler.targets, borrow_fraction=0.0, min_chunk_tokens=1)
+        engine.scheduler.costs = FixedCosts(decode_step_s=0.0, s_per_prompt_token=100.0 / 8)
     beside = []  # prompt tokens of each step that also decoded a stream
     schedule = engine.scheduler.schedule
 
-    def recording_schedule():
+    def recording_schedule(now=None):
         streams = any(s.num_output_tokens > 0 and s.num_uncomputed_tokens == 1 for s in engine.scheduler.running)
-        out = schedule()
+        out = schedule(now)
         if streams and out.prefills:
             beside.append(sum(c.num_new_tokens for c in out.prefills))
         return out
@@ -110,7 +119,21 @@ def test_arrivals_mid_run(checkpoints, make_llm, arch, beside_decodes):
         assert finals[req_id].token_ids == hf_greedy(path, p, MAX_TOKENS), f"prompt of {len(p)} tokens diverged"
     assert_no_leaks(engine)
     assert beside, "no prompt was computed beside running streams"
-    assert max(beside) <= (beside_decodes or 512) and (beside_decodes is None) == (max(beside) > 24)
+    if beside_decodes == "slo":
+        assert len(set(beside)) > 3 and max(beside) < 512, beside  # chunks of many sizes, none the whole budget
+    else:
+        assert max(beside) <= (beside_decodes or 512) and (beside_decodes is None) == (max(beside) > 24)
+
+
+class FixedCosts(StepCosts):
+    """Step costs that the engine's timings do not move (the chunk sizes then depend on token counts only)."""
+
+    def __init__(self, decode_step_s: float, s_per_prompt_token: float) -> None:
+        super().__init__()
+        self.decode_step_s, self.s_per_prompt_token = decode_step_s, s_per_prompt_token
+
+    def observe(self, num_prompt_tokens: int, num_decodes: int, elapsed_s: float) -> None:
+        pass
 
 
 def test_preemption_under_pool_pressure(checkpoints, make_llm):

@@ -87,3 +87,16 @@ def test_the_prefill_tokens_beside_decodes_flag_reaches_the_engine_config():
     assert _cli("--max-prefill-tokens-beside-decodes", "256").engine.max_prefill_tokens_beside_decodes == 256
     with pytest.raises(ValueError, match="max_prefill_tokens_beside_decodes"):
         _cli("--max-prefill-tokens-beside-decodes", "0")
+
+
+def test_workers_schedule_to_the_slo_unless_told_not_to():
+    cfg = ServeConfig.model_validate({"slo": {"ttft_s": 2.0, "tpot_s": 0.1}})
+    assert (cfg.engine.slo_ttft_s, cfg.engine.slo_tpot_s) == (2.0, 0.1)
+    assert _cli().engine.slo_ttft_s == 3.0  # the default server: the default SLO
+    fcfs = _cli("--no-slo-scheduling")
+    assert (fcfs.slo.schedule, fcfs.engine.slo_ttft_s, fcfs.engine.slo_tpot_s) == (False, None, None)
+    # the engine's own targets win over the SLO's
+    own = ServeConfig.model_validate({"engine": {"slo_ttft_s": 5.0, "slo_tpot_s": 0.5}})
+    assert (own.engine.slo_ttft_s, own.engine.slo_tpot_s) == (5.0, 0.5)
+    with pytest.raises(ValueError, match="set both slo_ttft_s and slo_tpot_s"):
+        ServeConfig.model_validate({"engine": {"slo_ttft_s": 5.0}})
