@@ -18,74 +18,49 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
-from dataclasses import dataclass, field
 
+import torch
 from common import machine_lines, markdown_table, on_workers_openmp
 
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
+from splitserve.tune.workload import SLO, LengthDist, RequestRecord, RunSummary, Workload, record_from_token_times, summarize
 
 
-@dataclass
-class Trace:
-    arrival: float
-    token_times: list[float] = field(default_factory=list)
-
-    def ttft(self) -> float:
-        return self.token_times[0] - self.arrival
-
-    def tpot(self) -> float:
-        n = len(self.token_times)
-        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else 0.0
-
-
-def arrivals(rate: float, n: int, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
-def replay(engine: LLMEngine, prompts: list[list[int]], offsets: list[float], output_len: int) -> list[Trace]:
-    """Adds each prompt at its arrival (between steps, stamped with its true arrival), steps until all finish."""
+def replay(engine: LLMEngine, prompts: list[list[int]], offsets: list[float], output_len: int) -> list[list[float]]:
+    """Adds each prompt at its arrival (between steps, stamped with its true arrival), steps until all finish;
+    returns each request's token times in seconds from the start (the clock of ``offsets``)."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     start = time.monotonic()
-    traces = [Trace(start + off) for off in offsets]
-    pending = 0
-    finished = 0
+    token_times: list[list[float]] = [[] for _ in prompts]
+    pending = finished = 0
     while finished < len(prompts):
         now = time.monotonic()
-        while pending < len(prompts) and traces[pending].arrival <= now:
-            engine.add_request(prompts[pending], params, str(pending), arrival_time=traces[pending].arrival)
+        while pending < len(prompts) and start + offsets[pending] <= now:
+            engine.add_request(prompts[pending], params, str(pending), arrival_time=start + offsets[pending])
             pending += 1
         if not engine.has_unfinished_requests():
-            time.sleep(max(0.0, traces[pending].arrival - now))
+            time.sleep(max(0.0, start + offsets[pending] - now))
             continue
         for out in engine.step():
-            stamp = time.monotonic()
-            trace = traces[int(out.req_id)]
-            trace.token_times.extend([stamp] * len(out.new_token_ids))
+            token_times[int(out.req_id)].extend([time.monotonic() - start] * len(out.new_token_ids))
             finished += out.finished
-    return traces
+    return token_times
 
 
-def summarize(traces: list[Trace], ttft_s: float, tpot_s: float) -> dict[str, float]:
-    duration = max(t.token_times[-1] for t in traces) - min(t.arrival for t in traces)
-    good = sum(1 for t in traces if t.ttft() <= ttft_s and t.tpot() <= tpot_s)
-    gaps = sorted(b - a for t in traces for a, b in zip(t.token_times, t.token_times[1:]))
-    ttfts = sorted(t.ttft() for t in traces)
-    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    return {
-        "goodput": good / duration, "served": len(traces) / duration, "good": good,
-        "ttft_ok": sum(1 for t in traces if t.ttft() <= ttft_s), "tpot_ok": sum(1 for t in traces if t.tpot() <= tpot_s),
-        "ttft_p50": statistics.median(ttfts), "ttft_p99": pct(ttfts, 0.99),
-        "tpot_mean": statistics.mean(t.tpot() for t in traces), "itl_p99": pct(gaps, 0.99) if gaps else 0.0,
-    }
+def met(records: list[RequestRecord], slo: SLO) -> tuple[int, int]:
+    """How many requests met the TTFT target, and how many the TPOT target."""
+    ttft = sum(1 for r in records if r.ttft_s is not None and r.ttft_s <= slo.ttft_s)
+    tpot = sum(1 for r in records if r.itl_mean_s is not None and r.itl_mean_s <= slo.itl_s)
+    return ttft, tpot
+
+
+def row(rate: float, name: str, s: RunSummary, ttft_met: int, tpot_met: int, mean_tpot: float, baseline: float) -> list[str]:
+    ratio = f"{s.goodput / baseline:.2f}x" if baseline else "n/a"
+    return [f"{rate:g}", name, f"{s.goodput:.3f} ({s.num_good}/{s.num_requests}; {ttft_met}, {tpot_met})", ratio, f"{s.throughput:.3f}",
+            f"{s.ttft_p50 * 1e3:,.0f} / {s.ttft_p99 * 1e3:,.0f}", f"{mean_tpot * 1e3:,.0f}", f"{s.itl_p99 * 1e3:,.0f}"]
 
 
 def main() -> None:
@@ -110,22 +85,24 @@ def main() -> None:
         for name, (ttft, tpot) in policies.items()
     }
     vocab = next(iter(engines.values())).model_config.vocab_size
+    workload = Workload("fixed", LengthDist("fixed", args.prompt_len), LengthDist("fixed", args.output_len), seed=args.seed)
+    slo = SLO(args.ttft_s, args.tpot_s)
     rng = random.Random(args.seed)
     rows = []
     for rate in [float(r) for r in args.request_rates.split(",")]:
-        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.num_prompts)]
-        offsets = arrivals(rate, args.num_prompts, args.seed + int(rate * 1000))
+        specs = workload.requests(rate, args.num_prompts)
+        prompts = [[rng.randrange(vocab) for _ in range(spec.prompt_len)] for spec in specs]
         baseline = None
         for name, engine in engines.items():
             replay(engine, prompts[:2], [0.0, 0.0], 4)  # warm-up: first-step costs and the step-cost estimates
-            s = summarize(replay(engine, prompts, offsets, args.output_len), args.ttft_s, args.tpot_s)
-            baseline = s["goodput"] if baseline is None else baseline
-            ratio = f"{s['goodput'] / baseline:.2f}x" if baseline else "n/a"
-            rows.append([f"{rate:g}", name, f"{s['goodput']:.3f} ({s['good']}/{args.num_prompts}; {s['ttft_ok']}, {s['tpot_ok']})", ratio, f"{s['served']:.3f}",
-                         f"{s['ttft_p50'] * 1e3:,.0f} / {s['ttft_p99'] * 1e3:,.0f}", f"{s['tpot_mean'] * 1e3:,.0f}",
-                         f"{s['itl_p99'] * 1e3:,.0f}"])
+            times = replay(engine, prompts, [spec.arrival_s for spec in specs], args.output_len)
+            records = [record_from_token_times(spec, t) for spec, t in zip(specs, times)]
+            summary = summarize(records, slo)
+            baseline = summary.goodput if baseline is None else baseline
+            mean_tpot = sum(r.itl_mean_s or 0.0 for r in records) / len(records)
+            rows.append(row(rate, name, summary, *met(records, slo), mean_tpot, baseline))
             print(" | ".join(rows[-1]), flush=True)
-    threads = args.threads or __import__("torch").get_num_threads()
+    threads = args.threads or torch.get_num_threads()
     print("\n".join(machine_lines(threads)))
     print(f"- workload: {args.num_prompts} prompts x {args.prompt_len} tokens in, {args.output_len} out, Poisson arrivals; "
           f"SLO TTFT <= {args.ttft_s:g} s, TPOT <= {args.tpot_s * 1e3:g} ms\n")

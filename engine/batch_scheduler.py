@@ -144,8 +144,9 @@ class BatchScheduler:
         if not any(seq.num_uncomputed_tokens == 1 for seq in self.running):
             return self.max_num_batched_tokens
         limit = self.max_prefill_tokens_beside_decodes
-        has_prompt_work = self.waiting or any(seq.num_uncomputed_tokens > 1 for seq in self.running)
-        if self.targets is not None and now is not None and has_prompt_work:  # (a plain decode step computes nothing here)
+        if self.targets is not None and now is not None and (  # a plain decode step (no prompt work) computes nothing here
+            self.waiting or any(seq.num_uncomputed_tokens > 1 for seq in self.running)
+        ):
             allowance = prompt_token_allowance(self.running, now, self.targets, self.costs)
             if allowance is not None:
                 limit = allowance if limit is None else min(limit, allowance)

@@ -19,6 +19,7 @@ from splitserve.engine.slo_policy import (
     prompt_token_allowance,
     stream_slack_s,
 )
+from splitserve.tune.workload import LengthDist, Workload
 
 pytestmark = pytest.mark.unit
 
@@ -183,12 +184,8 @@ def goodput(seqs: list[Sequence], targets: LatencyTargets) -> int:
 
 
 def poisson(rate: float, n: int, seed: int, prompt_len: int = 1000, max_tokens: int = 64) -> list[tuple[float, int, int]]:
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append((t, prompt_len, max_tokens))
-        t += rng.expovariate(rate)
-    return out
+    workload = Workload("fixed", LengthDist("fixed", prompt_len), LengthDist("fixed", max_tokens), seed=seed)
+    return [(spec.arrival_s, spec.prompt_len, spec.output_len) for spec in workload.requests(rate, n)]
 
 
 def test_overload_first_come_first_served_meets_few_targets_and_the_targets_rules_meet_many():
