@@ -16,6 +16,7 @@ import torch
 from splitserve.engine.batch_scheduler import SchedulerOutput
 from splitserve.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_num_blocks
 from splitserve.engine.model import LlamaModel
+from splitserve.engine.host_memory import keep_freed_memory
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.openmp import llvm_openmp_loaded
 from splitserve.kernels import FLASH_BLOCK_SIZE_MULTIPLE, AttentionMetadata, PrefillChunk, kv_cache_shape, select_attention
@@ -49,6 +50,8 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_path: str, model_config: ModelConfig, max_model_len: int):
         self.device = resolve_device(cfg)
         self.dtype = resolve_dtype(cfg, model_config, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if cfg.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.num_threads)
         self.num_threads = torch.get_num_threads()  # for steps of many tokens (prefill)

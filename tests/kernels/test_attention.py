@@ -27,6 +27,7 @@ from splitserve.kernels import (
     torch_attention,
     write_kv,
 )
+from splitserve.kernels.torch_attention import GEMM_DECODE_MIN_SEQS
 
 pytestmark = [pytest.mark.unit]
 
@@ -40,6 +41,9 @@ SCENARIOS = {
     "prefill_from_zero": lambda bs: dict(decodes=[], prefills=[(0, 1), (0, bs), (0, 2 * bs + 3), (0, 5)]),
     "chunk_after_cache": lambda bs: dict(decodes=[], prefills=[(bs, 5), (bs + 3, bs), (2 * bs, 2 * bs), (7, 1)]),
     "mixed": lambda bs: dict(decodes=[4, bs - 1, 2 * bs + 2], prefills=[(0, 9), (bs + 2, 6), (bs, bs)]),
+    # enough decodes for the batched-GEMM path (GEMM_DECODE_MIN_SEQS), with and without prefill chunks beside them
+    "many_decodes": lambda bs: dict(decodes=[0, bs - 1, 2 * bs - 1, bs, 3 * bs - 2, 36, 5, 4 * bs, 1, 2 * bs + 7], prefills=[]),
+    "many_decodes_mixed": lambda bs: dict(decodes=[3, bs, 2 * bs - 1, 7, 3 * bs + 1, bs + 1, 0, 2 * bs], prefills=[(0, 9), (bs + 2, 6)]),
 }
 # (num_heads, num_kv_heads): GQA group sizes 1, 2 and 4
 HEADS = [(4, 4), (4, 2), (4, 1)]
@@ -151,6 +155,12 @@ def test_torch_attention_matches_reference(scenario, dtype, heads, head_dim, blo
     assert torch.isfinite(out).all()
     # tolerances: fp32 1e-5; bf16 2e-2 (outputs are O(1), bf16 keeps 8 mantissa bits: one ulp is ~4e-3)
     torch.testing.assert_close(out.float(), ref.float(), **TOLERANCE[dtype])
+
+
+def test_many_decode_scenarios_take_the_gemm_path():
+    for name in ("many_decodes", "many_decodes_mixed"):
+        for block_size in (8, 16):
+            assert len(SCENARIOS[name](block_size)["decodes"]) >= GEMM_DECODE_MIN_SEQS
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
