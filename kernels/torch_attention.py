@@ -4,8 +4,9 @@ Prefill chunks that start at position 0 attend over their own fresh K/V with a
 causal mask (no cache read). Chunks that continue after cached tokens (chunked
 prefill, prefix-cache hits) gather their keys from the cache and use a shifted
 causal mask. Decodes are batched: gather each sequence's blocks into a padded
-tensor and mask by context length; a few decodes go through SDPA, many through
-two batched GEMMs that treat a sequence's keys as one matrix (``_decode_by_gemm``).
+tensor and mask by context length; few or short decodes go through SDPA, many
+long ones through two batched GEMMs that treat a sequence's keys as one matrix
+(``_decode_by_gemm``).
 
 Grouped-query heads are never expanded: prefill passes ``enable_gqa`` to SDPA,
 and a decode through SDPA folds each KV head's group of query heads into the
@@ -41,11 +42,13 @@ def prefill_attention(
         out[s : s + n] = o[0].transpose(0, 1)
 
 
-# From this many decodes in a step on, attention runs as two batched GEMMs over the gathered keys and values
-# (``_decode_by_gemm``); fewer run through SDPA, whose one fused call costs less than the GEMM path's extra ops.
-# Engine step time, GEMMs / SDPA, on SmolLM2-135M in bf16 with 2 CPUs (docs/benchmarks.md, 2026-12-02 night):
-# 0.84-1.04x at 8 sequences of 256-1,024 tokens, 0.66-0.90x at 12-32; 1.10-1.19x at one sequence.
+# Decodes run as two batched GEMMs (``_decode_by_gemm``) when a step has at least this many of them reading at least
+# this many padded context tokens in all; otherwise through SDPA, whose one fused call costs less than the GEMM
+# path's extra ops. Engine step time, GEMMs / SDPA, in one process alternating (SmolLM2-135M, bf16, 2 CPUs;
+# docs/benchmarks.md, 2026-12-02 night): 0.71-0.76x at 16-32 sequences of ~1,030 tokens, 0.83x at 16 of ~520,
+# 0.90-1.03x at 32 of ~260 and 0.98-1.04x at 8 of ~1,030 (8,192 tokens), 1.04-1.15x at 8-16 of ~260.
 GEMM_DECODE_MIN_SEQS = 8
+GEMM_DECODE_MIN_CONTEXT_TOKENS = 8192
 
 
 def _head_slots(num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -96,7 +99,7 @@ def decode_attention(
     max_len = meta.max_decode_context_len
     tables = meta.decode_block_tables[:, : -(-max_len // meta.block_size)]
     k, v = gather_kv_batched(kv_cache, layer, tables)  # [B, L, KVH, D], L padded to whole blocks
-    if nd >= GEMM_DECODE_MIN_SEQS:
+    if nd >= GEMM_DECODE_MIN_SEQS and nd * k.shape[1] >= GEMM_DECODE_MIN_CONTEXT_TOKENS:
         out[:nd] = _decode_by_gemm(q[:nd], k, v, meta.decode_context_lens, scale)
         return
     if nd == 1:  # one sequence: cut at its length, no mask needed

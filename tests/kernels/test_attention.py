@@ -27,7 +27,7 @@ from splitserve.kernels import (
     torch_attention,
     write_kv,
 )
-from splitserve.kernels.torch_attention import GEMM_DECODE_MIN_SEQS
+from splitserve.kernels.torch_attention import GEMM_DECODE_MIN_CONTEXT_TOKENS, GEMM_DECODE_MIN_SEQS
 
 pytestmark = [pytest.mark.unit]
 
@@ -41,9 +41,10 @@ SCENARIOS = {
     "prefill_from_zero": lambda bs: dict(decodes=[], prefills=[(0, 1), (0, bs), (0, 2 * bs + 3), (0, 5)]),
     "chunk_after_cache": lambda bs: dict(decodes=[], prefills=[(bs, 5), (bs + 3, bs), (2 * bs, 2 * bs), (7, 1)]),
     "mixed": lambda bs: dict(decodes=[4, bs - 1, 2 * bs + 2], prefills=[(0, 9), (bs + 2, 6), (bs, bs)]),
-    # enough decodes for the batched-GEMM path (GEMM_DECODE_MIN_SEQS), with and without prefill chunks beside them
-    "many_decodes": lambda bs: dict(decodes=[0, bs - 1, 2 * bs - 1, bs, 3 * bs - 2, 36, 5, 4 * bs, 1, 2 * bs + 7], prefills=[]),
-    "many_decodes_mixed": lambda bs: dict(decodes=[3, bs, 2 * bs - 1, 7, 3 * bs + 1, bs + 1, 0, 2 * bs], prefills=[(0, 9), (bs + 2, 6)]),
+    # enough decodes over enough context for the batched-GEMM path (GEMM_DECODE_MIN_*): one long sequence beside short
+    # ones, so most of each padded row is masked; with and without prefill chunks beside them
+    "many_decodes": lambda bs: dict(decodes=[0, bs - 1, 2 * bs - 1, bs, 3 * bs - 2, 36, 5, 2000, 1, 2 * bs + 7], prefills=[]),
+    "many_decodes_mixed": lambda bs: dict(decodes=[3, bs, 2 * bs - 1, 7, 3 * bs + 1, 1100, 0, 2 * bs], prefills=[(0, 9), (bs + 2, 6)]),
 }
 # (num_heads, num_kv_heads): GQA group sizes 1, 2 and 4
 HEADS = [(4, 4), (4, 2), (4, 1)]
@@ -160,7 +161,9 @@ def test_torch_attention_matches_reference(scenario, dtype, heads, head_dim, blo
 def test_many_decode_scenarios_take_the_gemm_path():
     for name in ("many_decodes", "many_decodes_mixed"):
         for block_size in (8, 16):
-            assert len(SCENARIOS[name](block_size)["decodes"]) >= GEMM_DECODE_MIN_SEQS
+            decodes = SCENARIOS[name](block_size)["decodes"]
+            assert len(decodes) >= GEMM_DECODE_MIN_SEQS
+            assert len(decodes) * (max(decodes) + 1) >= GEMM_DECODE_MIN_CONTEXT_TOKENS
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
