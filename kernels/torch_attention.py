@@ -45,8 +45,8 @@ def prefill_attention(
 # Decodes run as two batched GEMMs (``_decode_by_gemm``) when a step has at least this many of them reading at least
 # this many padded context tokens in all; otherwise through SDPA, whose one fused call costs less than the GEMM
 # path's extra ops. Engine step time, GEMMs / SDPA, in one process alternating (SmolLM2-135M, bf16, 2 CPUs;
-# docs/benchmarks.md, 2026-12-02 night): 0.71-0.76x at 16-32 sequences of ~1,030 tokens, 0.83x at 16 of ~520,
-# 0.90-1.03x at 32 of ~260 and 0.98-1.04x at 8 of ~1,030 (8,192 tokens), 1.04-1.15x at 8-16 of ~260.
+# docs/benchmarks.md, 2026-12-02 night): 0.66-0.76x at 16-32 sequences of ~1,030 tokens, 0.83x at 16 of ~520,
+# 0.90-1.03x at 32 of ~260 and 0.98-1.04x at 8 of ~1,030 (~8,192 tokens), 1.04-1.15x at 8-16 of ~260.
 GEMM_DECODE_MIN_SEQS = 8
 GEMM_DECODE_MIN_CONTEXT_TOKENS = 8192
 
