@@ -7,7 +7,7 @@ twice the largest chunk it has seen freed, so the next layer's allocation of the
 same size takes fresh pages, each a page fault that zeroes 4 KiB. Measured on 2
 CPUs (SmolLM2-135M, 32 sequences decoding at ~1,024 tokens of context through the
 batched-GEMM decode attention): ~189,000 page faults per step, about half of a
-~630 ms step; with the thresholds fixed, none (240 ms). A serving worker's
+~630 ms step; with the thresholds fixed, none (~250 ms). A serving worker's
 memory then stays at its peak, as a GPU caching allocator's does.
 
 Only glibc has these knobs (``mallopt``); elsewhere this does nothing.

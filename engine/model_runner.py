@@ -15,8 +15,8 @@ import torch
 
 from splitserve.engine.batch_scheduler import SchedulerOutput
 from splitserve.engine.config import EngineConfig, resolve_device, resolve_dtype, resolve_num_blocks
-from splitserve.engine.model import LlamaModel
 from splitserve.engine.host_memory import keep_freed_memory
+from splitserve.engine.model import LlamaModel
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.openmp import llvm_openmp_loaded
 from splitserve.kernels import FLASH_BLOCK_SIZE_MULTIPLE, AttentionMetadata, PrefillChunk, kv_cache_shape, select_attention
