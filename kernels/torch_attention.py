@@ -43,8 +43,8 @@ def prefill_attention(
 
 
 # Decodes run as two batched GEMMs (``_decode_by_gemm``) when a step has at least this many of them reading at least
-# this many padded context tokens in all; otherwise through SDPA, whose one fused call costs less than the GEMM
-# path's extra ops. Engine step time, GEMMs / SDPA, in one process alternating (SmolLM2-135M, bf16, 2 CPUs;
+# this many padded context tokens in all, on a CPU (measured only there); otherwise through SDPA, whose one fused
+# call costs less than the GEMM path's extra ops. Engine step time, GEMMs / SDPA, in one process alternating (SmolLM2-135M, bf16, 2 CPUs;
 # docs/benchmarks.md, 2026-12-02 night): 0.66-0.76x at 16-32 sequences of ~1,030 tokens, 0.83x at 16 of ~520,
 # 0.90-1.03x at 32 of ~260 and 0.98-1.04x at 8 of ~1,030 (~8,192 tokens), 1.04-1.15x at 8-16 of ~260.
 GEMM_DECODE_MIN_SEQS = 8
@@ -99,7 +99,7 @@ def decode_attention(
     max_len = meta.max_decode_context_len
     tables = meta.decode_block_tables[:, : -(-max_len // meta.block_size)]
     k, v = gather_kv_batched(kv_cache, layer, tables)  # [B, L, KVH, D], L padded to whole blocks
-    if nd >= GEMM_DECODE_MIN_SEQS and nd * k.shape[1] >= GEMM_DECODE_MIN_CONTEXT_TOKENS:
+    if q.device.type == "cpu" and nd >= GEMM_DECODE_MIN_SEQS and nd * k.shape[1] >= GEMM_DECODE_MIN_CONTEXT_TOKENS:
         out[:nd] = _decode_by_gemm(q[:nd], k, v, meta.decode_context_lens, scale)
         return
     if nd == 1:  # one sequence: cut at its length, no mask needed
