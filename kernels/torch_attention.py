@@ -16,6 +16,8 @@ query-length axis (a decode has one query token, so the group's heads become
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -51,8 +53,9 @@ GEMM_DECODE_MIN_SEQS = 8
 GEMM_DECODE_MIN_CONTEXT_TOKENS = 8192
 
 
+@functools.lru_cache(maxsize=16)
 def _head_slots(num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[H, KVH, 1]: 1 where query head h reads KV head h // group, else 0."""
+    """[H, KVH, 1]: 1 where query head h reads KV head h // group, else 0 (built once per shape, read-only)."""
     group = num_heads // num_kv_heads
     slots = torch.zeros(num_heads, num_kv_heads, 1, dtype=dtype, device=device)
     heads = torch.arange(num_heads, device=device)
