@@ -56,6 +56,7 @@ class BlockPool:
         self._ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._in_use: dict[int, None] = {}  # blocks with references, in the order they were taken
+        self._cached_free: dict[int, None] = {}  # free blocks that hold a cached prefix, in the order they were freed
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
         self.num_prefix_hits = 0
@@ -81,9 +82,11 @@ class BlockPool:
         for _ in range(num):
             block_id, _ = self._free.popitem(last=False)
             old = self._block_to_hash.pop(block_id, None)
-            if old is not None and self._hash_to_block.get(old) == block_id:
-                del self._hash_to_block[old]
-                self.prefix_version += 1
+            if old is not None:
+                self._cached_free.pop(block_id, None)
+                if self._hash_to_block.get(old) == block_id:
+                    del self._hash_to_block[old]
+                    self.prefix_version += 1
             self._ref_counts[block_id] = 1
             self._in_use[block_id] = None
             out.append(block_id)
@@ -98,6 +101,8 @@ class BlockPool:
             if count == 1:
                 self._free[block_id] = None
                 del self._in_use[block_id]
+                if block_id in self._block_to_hash:
+                    self._cached_free[block_id] = None
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -115,6 +120,7 @@ class BlockPool:
         for block_id in hits:
             if self._ref_counts[block_id] == 0:
                 del self._free[block_id]
+                self._cached_free.pop(block_id, None)
                 self._in_use[block_id] = None
             self._ref_counts[block_id] += 1
         self.num_prefix_queries += len(block_hashes)
@@ -136,6 +142,8 @@ class BlockPool:
             return
         self._hash_to_block[block_hash] = block_id
         self._block_to_hash[block_id] = block_hash
+        if self._ref_counts[block_id] == 0:
+            self._cached_free[block_id] = None
         self.prefix_version += 1
 
     def cached_hashes(self) -> frozenset[int]:
@@ -153,20 +161,17 @@ class BlockPool:
             return []
         # A load report may run beside the engine thread that mutates the pool: the block lists are C-level
         # copies, each taken under the GIL in one go, and the map is only read by key (the summary may be a
-        # step stale, never broken). The work is O(blocks in use + what is read of the free tail), not O(pool):
-        # a GPU's pool holds hundreds of thousands of blocks.
+        # step stale, never broken). The work is O(blocks in use + limit), never O(pool): a GPU's pool holds
+        # hundreds of thousands of blocks, most of them free and holding no prefix.
         block_to_hash = self._block_to_hash
         out = [h for h in map(block_to_hash.get, list(self._in_use)) if h is not None][:limit]
-        take = 2 * (limit - len(out))
-        while len(out) < limit and take:
-            tail = [h for h in map(block_to_hash.get, list(islice(reversed(self._free), take))) if h is not None]
-            if len(tail) >= limit - len(out) or take >= len(self._free):
-                out.extend(tail[: limit - len(out)])
-                break
-            take *= 4
-        return list(dict.fromkeys(out))  # a block freed between the two copies could appear in both
+        if len(out) < limit:
+            recent = list(islice(reversed(self._cached_free), limit - len(out)))
+            out.extend(h for h in map(block_to_hash.get, recent) if h is not None)
+        return list(dict.fromkeys(out))[:limit]  # a block freed between the two copies could appear in both
 
     def reset_prefix_cache(self) -> None:
         self._hash_to_block.clear()
         self._block_to_hash.clear()
+        self._cached_free.clear()
         self.prefix_version += 1

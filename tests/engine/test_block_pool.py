@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections import OrderedDict
 import os
 import random
 import subprocess
@@ -276,3 +277,35 @@ def test_hottest_hashes_agree_with_a_full_scan_through_random_use(seed):
                 held.append(hits)
         limit = rng.choice([1, 3, 16, 1000])
         assert pool.hottest_hashes(limit) == _hottest_by_scanning(pool, limit)
+
+
+class _NoWalk(OrderedDict):
+    """A free list that refuses to be walked from its end (what an O(pool) summary would do)."""
+
+    def __reversed__(self):
+        raise AssertionError("the prefix summary walked the free list")
+
+
+def test_hottest_hashes_never_walk_a_large_free_list_of_uncached_blocks():
+    # A GPU-sized pool that served many short requests: one hashed block in five freed ones, hundreds of
+    # thousands of never-used blocks. The old summary grew its scan of the free list until it covered the pool.
+    pool = BlockPool(300_000, BS)
+    next_hash = 1
+    for _ in range(2_000):
+        blocks = pool.allocate(5)
+        pool.register(blocks[0], next_hash)
+        next_hash += 1
+        pool.free(blocks)
+    running = pool.allocate(3)
+    pool.register(running[0], next_hash)
+    pool._free = _NoWalk(pool._free)
+    expected = [next_hash, *range(next_hash - 1, next_hash - 100, -1)]
+    assert pool.hottest_hashes(100) == expected
+    assert pool.hottest_hashes(100) == _hottest_by_scanning_unguarded(pool, 100)
+    assert len(pool.hottest_hashes(16_384)) == 2_001
+
+
+def _hottest_by_scanning_unguarded(pool: BlockPool, limit: int) -> list[int]:
+    free = OrderedDict(pool._free)
+    hashed = lambda blocks: [pool._block_to_hash[b] for b in blocks if b in pool._block_to_hash]  # noqa: E731
+    return (hashed(list(pool._in_use)) + hashed(reversed(free)))[:limit]
