@@ -8,13 +8,17 @@ for ``--seconds`` and reads ``psutil`` user+system CPU of every process of the s
 after. Tokens are the ``usage.completion_tokens`` of the streams (``stream_options.include_usage``).
 Prints CPU-seconds per 1,000 streamed tokens per role, the sum outside the decode replica(s) and the
 microseconds per token outside decode (also net of what the same wall time costs idle), then each role's
-% of a core over an idle period. Other load on the machine changes the numbers: check the load averages.
+% of a core over an idle period. With two or more ``--max-tokens`` values it also splits each role's CPU
+into a fixed cost per request and a cost per streamed token (a least-squares line through CPU per
+request against tokens per request, at each number of streams): the per-token column is what one more
+token costs, whatever the request's length. Other load on the machine changes the numbers: check the load averages.
 The client (this process) is not counted; its own CPU is shown for reference.
 
     python benchmarks/stream_cpu.py --streams 1,16,64
     python benchmarks/stream_cpu.py --mode aggregated --streams 1,16,64 --json /tmp/stream_cpu_agg.json
     python benchmarks/stream_cpu.py --model /path/to/checkpoint --max-tokens 128 --seconds 30 --idle-s 20
     python benchmarks/stream_cpu.py --streams 64 --stream-interval 8
+    python benchmarks/stream_cpu.py --streams 16,64 --max-tokens 64,256   # + per request vs per token
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import psutil
 from common import load_average, machine_lines, markdown_table
 from serving import splitserve_cmd, wait_health
@@ -165,6 +170,24 @@ async def drive(url: str, streams: int, seconds: float, max_tokens: int, vocab: 
     return totals
 
 
+def split_costs(rows: list[dict]) -> list[dict]:
+    """Per number of streams with >= 2 output lengths: each role's CPU as ``per_request_s + per_token_s * tokens``
+    (least squares over the levels' CPU per request against their tokens per request)."""
+    out = []
+    for n in sorted({r["streams"] for r in rows}):
+        levels = [r for r in rows if r["streams"] == n and r["requests"]]
+        if len({r["max_tokens"] for r in levels}) < 2:
+            continue
+        x = np.array([r["tokens"] / r["requests"] for r in levels])
+        fit = {}
+        for role in [*ROLES, "outside decode"]:
+            y = np.array([(r["outside_cpu_s"] if role == "outside decode" else r["cpu_s"][role]) / r["requests"] for r in levels])
+            per_token, per_request = np.polyfit(x, y, 1)
+            fit[role] = (float(per_request), float(per_token))
+        out.append({"streams": n, "max_tokens": sorted({r["max_tokens"] for r in levels}), "fit": fit})
+    return out
+
+
 def stop(server: subprocess.Popen) -> None:
     """SIGTERM `splitserve serve` (it shuts Serve and its own local Ray down), then SIGKILL by pid what is left
     of its tree. Never `ray stop`: it would stop every Ray cluster on the machine."""
@@ -183,7 +206,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the cached tiny random checkpoint)")
     ap.add_argument("--mode", choices=["disaggregated", "aggregated"], default="disaggregated")
     ap.add_argument("--streams", default="1,16,64", help="concurrent streams per level, comma-separated")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", default="64", help="output tokens per request, comma-separated (each with each --streams)")
     ap.add_argument("--seconds", type=float, default=20.0, help="load duration per level (in-flight streams then finish)")
     ap.add_argument("--idle-s", type=float, default=10.0, help="idle period measured after warm-up")
     ap.add_argument("--port", type=int, default=0, help="default: a free port")
@@ -201,7 +224,7 @@ def main() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    levels = [int(n) for n in args.streams.split(",")]
+    levels = [(int(n), int(t)) for n in args.streams.split(",") for t in args.max_tokens.split(",")]
     url = f"http://127.0.0.1:{port}/v1/completions"
     log = Path(tempfile.mkdtemp(prefix="stream-cpu-")) / "server.log"
     system = "splitserve-disagg" if args.mode == "disaggregated" else "splitserve-agg"
@@ -215,25 +238,25 @@ def main() -> int:
         wait_health(port, server)
         roles = classify(server)
         print("roles: " + ", ".join(f"{r}={sorted(p for p, q in roles.items() if q == r)}" for r in ROLES if r in roles.values()), flush=True)
-        asyncio.run(drive(url, min(4, max(levels)), 3.0, args.max_tokens, vocab, seed=0))  # warm-up
+        asyncio.run(drive(url, min(4, max(n for n, _ in levels)), 3.0, levels[0][1], vocab, seed=0))  # warm-up
         time.sleep(2)
         before, t0 = snapshot(server), time.monotonic()
         time.sleep(args.idle_s)
         idle_wall = time.monotonic() - t0
         idle = {r: 100 * c / idle_wall for r, c in role_cpu(before, snapshot(server), roles).items()}
-        for i, n in enumerate(levels):
+        for i, (n, max_tokens) in enumerate(levels):
             me_before, before, t0 = sum(me.cpu_times()[:2]), snapshot(server), time.monotonic()
-            totals = asyncio.run(drive(url, n, args.seconds, args.max_tokens, vocab, seed=i + 1))
+            totals = asyncio.run(drive(url, n, args.seconds, max_tokens, vocab, seed=i + 1))
             after, wall, client = snapshot(server), time.monotonic() - t0, sum(me.cpu_times()[:2]) - me_before
             cpu = role_cpu(before, after, roles)
             tok = max(totals["tokens"], 1)
             outside = sum(c for r, c in cpu.items() if r != "decode")
             net = outside - wall * sum(p for r, p in idle.items() if r != "decode") / 100  # less what idle costs over the same wall time
-            rows.append({"streams": n, **totals, "wall_s": wall, "tok_per_s": totals["tokens"] / wall, "cpu_s": cpu,
+            rows.append({"streams": n, "max_tokens": max_tokens, **totals, "wall_s": wall, "outside_cpu_s": outside, "tok_per_s": totals["tokens"] / wall, "cpu_s": cpu,
                          "cpu_s_per_1k_tok": {r: 1000 * c / tok for r, c in cpu.items()}, "outside_decode_cpu_s_per_1k_tok": 1000 * outside / tok,
                          "outside_decode_us_per_tok": 1e6 * outside / tok, "outside_decode_net_of_idle_us_per_tok": 1e6 * net / tok,
                          "client_cpu_s_per_1k_tok": 1000 * client / tok, "total_cores_busy": sum(cpu.values()) / wall})
-            print(f"level {n}: {totals['requests']} requests, {totals['tokens']} tokens ({totals['events']} events, "
+            print(f"level {n} x {max_tokens}: {totals['requests']} requests, {totals['tokens']} tokens ({totals['events']} events, "
                   f"{totals['short']} short streams) in {wall:.1f} s", flush=True)
     finally:
         stop(server)
@@ -242,15 +265,22 @@ def main() -> int:
           f"model {args.model}; 16-token prompts, greedy, ignore_eos, max_tokens {args.max_tokens}, {args.seconds:.0f} s per level; "
           f"stream interval {args.stream_interval or 1}; load average at end {load_average()}")
     print("\nCPU-seconds per 1,000 streamed tokens (user+system of each role's processes; 'outside' = all but decode):\n")
-    header = ["streams", *ROLES, "outside decode", "µs/tok outside", "net of idle", "tok/s", "cores busy", "client (not counted)"]
-    print(markdown_table(header, [[str(r["streams"]), *(f"{r['cpu_s_per_1k_tok'][k]:.3f}" for k in ROLES),
+    header = ["streams", "max tokens", *ROLES, "outside decode", "µs/tok outside", "net of idle", "tok/s", "cores busy", "client (not counted)"]
+    print(markdown_table(header, [[str(r["streams"]), str(r["max_tokens"]), *(f"{r['cpu_s_per_1k_tok'][k]:.3f}" for k in ROLES),
                                    f"{r['outside_decode_cpu_s_per_1k_tok']:.3f}", f"{r['outside_decode_us_per_tok']:.0f}", f"{r['outside_decode_net_of_idle_us_per_tok']:.0f}",
                                    f"{r['tok_per_s']:.0f}", f"{r['total_cores_busy']:.2f}", f"{r['client_cpu_s_per_1k_tok']:.3f}"] for r in rows]))
+    splits = split_costs(rows)
+    if splits:
+        print("\nEach role's CPU split into a fixed cost per request (ms) and a cost per streamed token (µs), fitted over "
+              "the output lengths at each number of streams:\n")
+        print(markdown_table(["streams", "fitted over", *(f"{r} ms/req, µs/tok" for r in [*ROLES, "outside decode"])],
+                             [[str(f["streams"]), ",".join(map(str, f["max_tokens"])),
+                               *(f"{1e3 * f['fit'][r][0]:.2f}, {1e6 * f['fit'][r][1]:.0f}" for r in [*ROLES, "outside decode"])] for f in splits]))
     print(f"\nidle ({idle_wall:.0f} s, no traffic), % of one core:\n")
     print(markdown_table(ROLES + ["total"], [[f"{idle[r]:.1f}" for r in ROLES] + [f"{sum(idle.values()):.1f}"]]))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "mode": args.mode, "model": args.model, "max_tokens": args.max_tokens,
-                                               "stream_interval": args.stream_interval or 1,
+                                               "stream_interval": args.stream_interval or 1, "split": splits,
                                                "seconds": args.seconds, "levels": rows, "idle_pct_core": idle, "idle_s": idle_wall}, indent=2))
     return 0
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+import msgpack
+
 from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -88,9 +90,27 @@ class OutputChunk:
 
 @dataclass(slots=True)
 class TokenBatch:
-    """One item of a token feed (``splitserve.token_feed``): the new chunks of every request bound to it."""
+    """One item of a token feed (``splitserve.token_feed``): the new chunks of every request bound to it.
+
+    Pickled as one msgpack blob of the chunks' fields (``__reduce__``): Ray's cloudpickle visits every object
+    of a plain dataclass tree in Python, ~290 µs for a 64-request step against ~30 µs (and ~120 against ~40 to
+    load). Every engine step of every decode worker sends one, so it is the hot message; it arrives as the
+    same typed ``TokenBatch`` of ``OutputChunk``s.
+    """
 
     chunks: list[OutputChunk]
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        rows = [
+            (c.req_id, c.new_token_ids, c.new_text, c.finished, c.finish_reason, c.num_prompt_tokens, c.num_output_tokens,
+             c.num_cached_tokens, c.compute_s)
+            for c in self.chunks
+        ]
+        return _token_batch_from_wire, (msgpack.packb(rows, unicode_errors="surrogatepass"),)
+
+
+def _token_batch_from_wire(blob: bytes) -> TokenBatch:
+    return TokenBatch([OutputChunk(*row) for row in msgpack.unpackb(blob, unicode_errors="surrogatepass")])
 
 
 @dataclass(slots=True)

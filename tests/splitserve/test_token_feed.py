@@ -180,3 +180,23 @@ def test_a_lagging_request_gets_what_waited_as_one_chunk_and_an_error_after_it()
         sub.close()
 
     asyncio.run(body())
+
+
+def test_a_token_batch_crosses_processes_as_the_same_typed_chunks():
+    """A feed's batch is pickled as one msgpack blob of its chunks' fields (Ray's pickler, and plain pickle)."""
+    import dataclasses
+    import pickle
+
+    import msgpack
+    from ray import cloudpickle
+
+    batch = TokenBatch([
+        OutputChunk("r1", [5, 6], "héllo \u2603 \ud800", False, None, 12, 2, 4, 0.25),
+        OutputChunk("r2", [], "", True, "stop", 3, 9, 0, 1.5),
+    ])
+    for dumps, loads in ((cloudpickle.dumps, cloudpickle.loads), (pickle.dumps, pickle.loads)):
+        back = loads(dumps(batch))
+        assert type(back) is TokenBatch and all(type(c) is OutputChunk for c in back.chunks)
+        assert back == batch
+    _, (blob,) = batch.__reduce__()
+    assert [len(row) for row in msgpack.unpackb(blob, unicode_errors="surrogatepass")] == [len(dataclasses.fields(OutputChunk))] * 2
