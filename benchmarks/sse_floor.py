@@ -1,7 +1,7 @@
 """The floor under ``stream_cpu.py``: CPU a bare Python HTTP server spends per SSE event, with nothing else.
 
 One event per streamed token is what an OpenAI client asks for. This serves the same
-event bytes splitserve's ingress writes (a ~190-byte completion chunk) from uvicorn
+event bytes splitserve's ingress writes (a ~210-byte completion chunk) from uvicorn
 (httptools, uvloop: what Ray Serve's direct ingress runs) with no model, no Ray and
 no routing: a ticker releases one event on every open stream each ``--step-ms`` (an
 "engine step"), each request streams ``--events`` of them. Two servers, alternated

@@ -11,7 +11,8 @@ microseconds per token outside decode (also net of what the same wall time costs
 % of a core over an idle period. With two or more ``--max-tokens`` values it also splits each role's CPU
 into a fixed cost per request and a cost per streamed token (a least-squares line through CPU per
 request against tokens per request, at each number of streams): the per-token column is what one more
-token costs, whatever the request's length. Other load on the machine changes the numbers: check the load averages.
+token costs, whatever the request's length (what a role spends per second whatever the traffic, e.g. idle
+polling, lands in both, most at one stream). Other load on the machine changes the numbers: check the load averages.
 The client (this process) is not counted; its own CPU is shown for reference.
 
     python benchmarks/stream_cpu.py --streams 1,16,64
