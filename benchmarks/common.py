@@ -9,10 +9,18 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import socket
 import statistics
 import sys
 import time
 from collections.abc import Callable
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now (for a server this benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cpu_model() -> str:

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -349,7 +348,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import machine_lines, markdown_table
+    from common import free_port, machine_lines, markdown_table
 
     from splitserve import LLM, SamplingParams
     from splitserve.engine.random_models import make_model
@@ -372,9 +371,7 @@ def main() -> None:
     llm = LLM(model, dtype="float32", num_kv_blocks=512)
     refs = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True), use_tqdm=False)]
     del llm
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     t0 = time.monotonic()
     urls = deploy(model, port)
     tallies, (rss_start, rss_end, refused) = asyncio.run(run_suite(Suite(args, urls, prompts, refs)))

@@ -27,7 +27,7 @@ import time
 
 import aiohttp
 import psutil
-from common import machine_lines, markdown_table
+from common import free_port, machine_lines, markdown_table
 
 SERVER = r'''
 import asyncio, sys
@@ -96,9 +96,7 @@ async def drive(url: str, streams: int, seconds: float, server: psutil.Process) 
 
 def measure(kind: str, args: argparse.Namespace) -> tuple[float, float]:
     """(server µs of CPU per event, events per second) for one server kind."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", SERVER, kind, str(port), str(args.events), str(args.step_ms / 1000)])
     try:
         for _ in range(100):

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import psutil
-from common import load_average, machine_lines, markdown_table
+from common import free_port, load_average, machine_lines, markdown_table
 from serving import splitserve_cmd, wait_health
 
 ROLES = ["proxy", "controller", "ingress", "prefill", "decode", "ray core", "ray other", "driver"]
@@ -220,11 +219,7 @@ def main() -> int:
 
         args.model = str(random_model_path("tiny"))
     vocab = min(json.loads((Path(args.model) / "config.json").read_text()).get("vocab_size", 1000), 30000)
-    port = args.port
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    port = args.port or free_port()
     levels = [(int(n), int(t)) for n in args.streams.split(",") for t in args.max_tokens.split(",")]
     url = f"http://127.0.0.1:{port}/v1/completions"
     log = Path(tempfile.mkdtemp(prefix="stream-cpu-")) / "server.log"
