@@ -298,10 +298,13 @@ def deploy(model: str, port: int) -> dict[str, str]:
 
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # every prompt through a prefill worker and NIXL (the tiny model prefills the drills' prompts within the default
+    # local-prefill budget, so the decode workers would prefill most of them and the drills would miss the transfer path)
+    remote = dict(local_prefill_budget_s=0.0)
     apps = {
-        "main": dict(num_prefill=2, num_decode=2),
+        "main": dict(num_prefill=2, num_decode=2, routing=remote),
         "faulty": dict(num_prefill=1, num_decode=1, transfer_timeout_s=1.0,
-                       faults=dict(fail_fraction=0.3, delay_fraction=0.2, delay_s=3.0, seed=7), routing=dict(max_attempts=4)),
+                       faults=dict(fail_fraction=0.3, delay_fraction=0.2, delay_s=3.0, seed=7), routing=dict(max_attempts=4, **remote)),
     }
     urls = {}
     for name, spec in apps.items():

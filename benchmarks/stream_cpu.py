@@ -20,6 +20,7 @@ The client (this process) is not counted; its own CPU is shown for reference.
     python benchmarks/stream_cpu.py --model /path/to/checkpoint --max-tokens 128 --seconds 30 --idle-s 20
     python benchmarks/stream_cpu.py --streams 64 --stream-interval 8
     python benchmarks/stream_cpu.py --streams 16,64 --max-tokens 64,256   # + per request vs per token
+    python benchmarks/stream_cpu.py --local-prefill-budget-s 0   # every prompt through the prefill worker
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ import numpy as np
 import psutil
 from common import free_port, load_average, machine_lines, markdown_table
 from serving import splitserve_cmd, wait_health
+
+from splitserve.config import RoutingConfig
 
 ROLES = ["proxy", "controller", "ingress", "prefill", "decode", "ray core", "ray other", "driver"]
 # The GCS actor table of the server's cluster (the state API needs the dashboard's StateHead,
@@ -188,6 +191,22 @@ def split_costs(rows: list[dict]) -> list[dict]:
     return out
 
 
+def prefill_routes(port: int) -> dict[str, float]:
+    """Requests routed so far by how they were prefilled: ``remote`` (a prefill worker, then a KV transfer) and
+    ``local`` (on the worker that decodes them), from the server's ``splitserve_requests_routed_total``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    counts = {"remote": 0.0, "local": 0.0}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "splitserve_requests_routed_total" and s.labels.get("role") in ("prefill", "local"):
+                counts["remote" if s.labels["role"] == "prefill" else "local"] += s.value
+    return counts
+
+
 def stop(server: subprocess.Popen) -> None:
     """SIGTERM `splitserve serve` (it shuts Serve and its own local Ray down), then SIGKILL by pid what is left
     of its tree. Never `ray stop`: it would stop every Ray cluster on the machine."""
@@ -212,6 +231,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=0, help="default: a free port")
     ap.add_argument("--json", default=None, help="write the numbers here")
     ap.add_argument("--stream-interval", type=int, default=None, help="the server's --stream-interval (default: its own, 1)")
+    ap.add_argument("--local-prefill-budget-s", type=float, default=None,
+                    help="the server's --local-prefill-budget-s (default: splitserve's default, although the fixed split's "
+                    "config turns it off for serving.py; 0: every prompt through the prefill worker)")
     args = ap.parse_args()
     machine = machine_lines(1 if args.mode == "disaggregated" else 2)
     if args.model is None:
@@ -224,9 +246,12 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}/v1/completions"
     log = Path(tempfile.mkdtemp(prefix="stream-cpu-")) / "server.log"
     system = "splitserve-disagg" if args.mode == "disaggregated" else "splitserve-agg"
+    budget = RoutingConfig().local_prefill_budget_s if args.local_prefill_budget_s is None else args.local_prefill_budget_s
     print(f"starting {system} on port {port} (log {log})", flush=True)
     with open(log, "w") as out:
         cmd = splitserve_cmd(system, args.model, port) + ([] if args.stream_interval is None else ["--stream-interval", str(args.stream_interval)])
+        if args.mode == "disaggregated":
+            cmd += ["--local-prefill-budget-s", str(budget)]
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     me = psutil.Process()
     rows: list[dict] = []
@@ -241,30 +266,34 @@ def main() -> int:
         idle_wall = time.monotonic() - t0
         idle = {r: 100 * c / idle_wall for r, c in role_cpu(before, snapshot(server), roles).items()}
         for i, (n, max_tokens) in enumerate(levels):
+            routes_before = prefill_routes(port)
             me_before, before, t0 = sum(me.cpu_times()[:2]), snapshot(server), time.monotonic()
             totals = asyncio.run(drive(url, n, args.seconds, max_tokens, vocab, seed=i + 1))
             after, wall, client = snapshot(server), time.monotonic() - t0, sum(me.cpu_times()[:2]) - me_before
+            routes = {k: int(v - routes_before[k]) for k, v in prefill_routes(port).items()}
             cpu = role_cpu(before, after, roles)
             tok = max(totals["tokens"], 1)
             outside = sum(c for r, c in cpu.items() if r != "decode")
             net = outside - wall * sum(p for r, p in idle.items() if r != "decode") / 100  # less what idle costs over the same wall time
-            rows.append({"streams": n, "max_tokens": max_tokens, **totals, "wall_s": wall, "outside_cpu_s": outside, "tok_per_s": totals["tokens"] / wall, "cpu_s": cpu,
+            rows.append({"streams": n, "max_tokens": max_tokens, **totals, "prefills": routes, "wall_s": wall, "outside_cpu_s": outside, "tok_per_s": totals["tokens"] / wall, "cpu_s": cpu,
                          "cpu_s_per_1k_tok": {r: 1000 * c / tok for r, c in cpu.items()}, "outside_decode_cpu_s_per_1k_tok": 1000 * outside / tok,
                          "outside_decode_us_per_tok": 1e6 * outside / tok, "outside_decode_net_of_idle_us_per_tok": 1e6 * net / tok,
                          "client_cpu_s_per_1k_tok": 1000 * client / tok, "total_cores_busy": sum(cpu.values()) / wall})
             print(f"level {n} x {max_tokens}: {totals['requests']} requests, {totals['tokens']} tokens ({totals['events']} events, "
-                  f"{totals['short']} short streams) in {wall:.1f} s", flush=True)
+                  f"{totals['short']} short streams) in {wall:.1f} s; prefilled {routes['remote']} remote, {routes['local']} local", flush=True)
     finally:
         stop(server)
     print("\n" + "\n".join(machine))
     print(f"- splitserve {args.mode} ({'1 prefill + 1 decode, --worker-cpus 1' if args.mode == 'disaggregated' else '1 aggregated, --worker-cpus 2'}), "
           f"model {args.model}; 16-token prompts, greedy, ignore_eos, max_tokens {args.max_tokens}, {args.seconds:.0f} s per level; "
-          f"stream interval {args.stream_interval or 1}; load average at end {load_average()}")
+          f"stream interval {args.stream_interval or 1}; "
+          f"{f'local-prefill budget {budget:g} s; ' if args.mode == 'disaggregated' else ''}load average at end {load_average()}")
     print("\nCPU-seconds per 1,000 streamed tokens (user+system of each role's processes; 'outside' = all but decode):\n")
-    header = ["streams", "max tokens", *ROLES, "outside decode", "µs/tok outside", "net of idle", "tok/s", "cores busy", "client (not counted)"]
+    header = ["streams", "max tokens", *ROLES, "outside decode", "µs/tok outside", "net of idle", "tok/s", "cores busy", "prefilled local / remote", "client (not counted)"]
     print(markdown_table(header, [[str(r["streams"]), str(r["max_tokens"]), *(f"{r['cpu_s_per_1k_tok'][k]:.3f}" for k in ROLES),
                                    f"{r['outside_decode_cpu_s_per_1k_tok']:.3f}", f"{r['outside_decode_us_per_tok']:.0f}", f"{r['outside_decode_net_of_idle_us_per_tok']:.0f}",
-                                   f"{r['tok_per_s']:.0f}", f"{r['total_cores_busy']:.2f}", f"{r['client_cpu_s_per_1k_tok']:.3f}"] for r in rows]))
+                                   f"{r['tok_per_s']:.0f}", f"{r['total_cores_busy']:.2f}",
+                                   f"{r['prefills']['local']} / {r['prefills']['remote']}", f"{r['client_cpu_s_per_1k_tok']:.3f}"] for r in rows]))
     splits = split_costs(rows)
     if splits:
         print("\nEach role's CPU split into a fixed cost per request (ms) and a cost per streamed token (µs), fitted over "

@@ -11,9 +11,15 @@ When the request ends (finished, failed or cancelled) the glue hands its
 ``Reservation`` back to ``release``, which returns the decode worker's blocks to
 the picture at once (never past its total): the worker holds them until then,
 and a request that follows a short one closely must not be refused on a picture
-that still shows the finished one's blocks taken. The queue shares (prompt
-tokens, a waiting request) stay until the next report, as the burst spreading
-above needs; they only make a worker look busier for one report interval. A
+that still shows the finished one's blocks taken. A waiting request's share stays
+until the next report, as the burst spreading above needs. Prompt tokens charged
+to a worker's queue drain from the picture at the worker's measured cost per
+prompt token (``prompt_s_per_token``: its own, else the highest any worker
+reported, as all serve one model; that cost includes a step's fixed cost, so it
+reads high and the picture drains slower than the worker): a worker sent a few
+short prompts looks free again once it must have prefilled them, not only at its
+next report, while a burst within that time still piles up. Unmeasured, the
+tokens stay until the next report. A
 report taken after the worker freed the blocks but received before the release
 overstates its free blocks by one request's until the next report; a worker
 that then lacks room refuses the reservation and the router tries the next, as
@@ -31,6 +37,7 @@ Not thread-safe: use it from one event loop (pick and reserve without an
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -56,6 +63,8 @@ class LoadView:
         self.max_age_s = max_age_s
         self._clock = clock
         self._loads: dict[str, WorkerLoad] = {}
+        self._charged: dict[str, tuple[float, float]] = {}  # worker -> (prompt tokens charged since its report, when)
+        self._slowest_prompt_s_per_token = 0.0  # the highest cost any worker reported: for workers that measured none
 
     def __len__(self) -> int:
         return len(self._loads)
@@ -66,10 +75,13 @@ class LoadView:
     def update(self, load: WorkerLoad) -> None:
         """Take a fresh report; it replaces the previous one and any reservations made since."""
         self._loads[load.worker_id] = replace(load, updated_at=self._clock())
+        self._charged.pop(load.worker_id, None)
+        self._slowest_prompt_s_per_token = max(w.prompt_s_per_token for w in self._loads.values())
 
     def remove(self, worker_id: str) -> None:
         """Forget a worker (it left the cluster). Unknown ids are ignored."""
         self._loads.pop(worker_id, None)
+        self._charged.pop(worker_id, None)
 
     def mark_unhealthy(self, worker_id: str) -> None:
         """Stop routing to a worker until its next report (e.g. a call to it just failed)."""
@@ -91,15 +103,16 @@ class LoadView:
         """Optimistically charge one more request to a worker until its next report.
 
         ``num_blocks`` KV blocks leave the free pool (never below zero),
-        ``num_tokens`` prompt tokens join its prefill queue, and the request
-        counts as waiting.
+        ``num_tokens`` prompt tokens join its prefill queue (draining at its
+        measured cost), and the request counts as waiting.
         """
         assert num_blocks >= 0 and num_tokens >= 0, (num_blocks, num_tokens)
         load = self._loads.get(worker_id)
         if load is None:
             raise KeyError(f"reserve on unknown worker {worker_id!r}; known: {sorted(self._loads)}")
         load.num_free_blocks = max(0, load.num_free_blocks - num_blocks)
-        load.num_queued_tokens += num_tokens
+        now = self._clock()
+        self._charged[worker_id] = (self._charged_tokens(load, now) + num_tokens, now)
         load.num_waiting += 1
 
     def reserve_decision(self, decision: PairDecision, request: PairRequest) -> Reservation:
@@ -128,6 +141,16 @@ class LoadView:
         if load is not None:
             load.num_free_blocks = min(load.num_total_blocks, load.num_free_blocks + reservation.num_blocks)
 
+    def _charged_tokens(self, load: WorkerLoad, now: float) -> float:
+        """The prompt tokens charged to ``load``'s worker since its report that it cannot have prefilled yet."""
+        charged = self._charged.get(load.worker_id)
+        if charged is None:
+            return 0.0
+        tokens, at = charged
+        s_per_token = load.prompt_s_per_token or self._slowest_prompt_s_per_token
+        return max(0.0, tokens - (now - at) / s_per_token) if s_per_token > 0 else tokens
+
     def _view(self, load: WorkerLoad, now: float) -> WorkerLoad:
         is_fresh = now - load.updated_at <= self.max_age_s
-        return replace(load, is_healthy=load.is_healthy and is_fresh)
+        queued = load.num_queued_tokens + math.ceil(self._charged_tokens(load, now) - 1e-6)  # a whole token is left or not
+        return replace(load, is_healthy=load.is_healthy and is_fresh, num_queued_tokens=queued)

@@ -21,7 +21,19 @@
    prefill worker, when that least-queued one is past
    ``max_prefill_queue_tokens`` (so all are), or when the part of the prompt
    the decode worker would have to compute itself -- prompt length minus the
-   longest cached prefix it holds -- is ``<= local_prefill_threshold_tokens``.
+   longest cached prefix it holds -- is ``<= local_prefill_threshold_tokens``,
+   or when that part, behind the prompt tokens already queued there, would be
+   prefilled within ``local_prefill_budget_s`` at the measured cost of a prompt
+   token (the decode worker's own, else the prefill worker's: the same model).
+   That is a length threshold in time rather than tokens, so it fits any
+   hardware: a prompt this short costs the running streams one slightly longer
+   step, less than the prefill call, the KV transfer and its notification
+   would cost this request. The measured cost is a step's time over its tokens,
+   the step's fixed cost included, so it reads high for short prompts (the
+   rule errs toward remote prefill), and until a worker has measured it the
+   rule does not apply. Workers report it with their load; prompts sent here
+   join the decode worker's queue in the router's view at once, so a burst of
+   short prompts fills the budget and the rest go remote.
 5. With SLO targets (``ttft_target_s``, ``itl_target_s``): prefill locally when the
    prefill worker would start this prompt too late -- its queued tokens plus this
    prompt's, at its measured rate, take longer than the TTFT target -- and the
@@ -159,6 +171,9 @@ class LeastLoadedPolicy:
     ``local_prefill_threshold_tokens``: prefill on the decode worker when at
     most this many prompt tokens are not already cached there (0 = only when
     the decode worker holds the whole prompt).
+    ``local_prefill_budget_s``: prefill on the decode worker when its queue plus
+    the uncached part would take at most this long at the measured cost of a
+    prompt token (0 = off).
     ``max_prefill_queue_tokens``: a prefill worker with more queued prompt
     tokens than this is saturated; when all are, prefill locally (None = no limit).
     ``retry_after_s``: the back-off hint carried by ``NoWorkerAvailable``.
@@ -170,6 +185,7 @@ class LeastLoadedPolicy:
     def __init__(
         self,
         local_prefill_threshold_tokens: int = 0,
+        local_prefill_budget_s: float = 0.0,
         max_prefill_queue_tokens: int | None = None,
         retry_after_s: float = 1.0,
         degraded_mode: bool = True,
@@ -180,11 +196,14 @@ class LeastLoadedPolicy:
             raise ValueError(
                 f"local_prefill_threshold_tokens must be >= 0, got {local_prefill_threshold_tokens}"
             )
+        if not local_prefill_budget_s >= 0:
+            raise ValueError(f"local_prefill_budget_s must be >= 0 seconds (0 = off), got {local_prefill_budget_s}")
         if max_prefill_queue_tokens is not None and max_prefill_queue_tokens < 0:
             raise ValueError(
                 f"max_prefill_queue_tokens must be >= 0 or None (no limit), got {max_prefill_queue_tokens}"
             )
         self.local_prefill_threshold_tokens = local_prefill_threshold_tokens
+        self.local_prefill_budget_s = local_prefill_budget_s
         self.max_prefill_queue_tokens = max_prefill_queue_tokens
         self.retry_after_s = retry_after_s
         self.degraded_mode = degraded_mode
@@ -263,6 +282,9 @@ class LeastLoadedPolicy:
                 f"local prefill: {num_uncached} uncached prompt tokens <= threshold {threshold} "
                 f"({num_cached} of {request.num_prompt_tokens} cached on {decoder.worker_id}); {where}",
             )
+        short = self._short_enough_here(num_uncached, prefiller, decoder)
+        if short is not None:
+            return PairDecision(None, decoder.worker_id, f"local prefill: {short}; {where}")
         slo_local = self._slo_prefers_local(request, prefiller, decoder)
         if slo_local is not None:
             return PairDecision(None, decoder.worker_id, f"local prefill: {slo_local}; {where}", Fallback.SLO_LOCAL_PREFILL)
@@ -273,6 +295,21 @@ class LeastLoadedPolicy:
             f"remote prefill on {prefiller.worker_id} ({prefiller.num_queued_tokens} queued tokens, "
             f"{prefill_cached} prompt tokens cached there): "
             f"{num_uncached} uncached prompt tokens > threshold {threshold}; {where}",
+        )
+
+    def _short_enough_here(self, num_uncached: int, prefiller: WorkerLoad, decoder: WorkerLoad) -> str | None:
+        """Rule 4's budget in time: why ``decoder`` should prefill these ``num_uncached`` tokens itself, or None."""
+        budget = self.local_prefill_budget_s
+        s_per_token = decoder.prompt_s_per_token or prefiller.prompt_s_per_token
+        if not budget or not s_per_token:
+            return None
+        local_s = (decoder.num_queued_tokens + num_uncached) * s_per_token
+        if local_s > budget:
+            return None
+        measured_on = decoder.worker_id if decoder.prompt_s_per_token else prefiller.worker_id
+        return (
+            f"{num_uncached} uncached prompt tokens (+{decoder.num_queued_tokens} queued) take ~{local_s * 1e3:.1f} ms here "
+            f"at {s_per_token * 1e3:.3f} ms per prompt token (measured on {measured_on}) <= budget {budget * 1e3:g} ms"
         )
 
     def _slo_prefers_local(self, request: PairRequest, prefiller: WorkerLoad, decoder: WorkerLoad) -> str | None:

@@ -47,6 +47,7 @@ class WorkerLoad:
     prefix_hashes: frozenset[int] = frozenset()
     prefill_tokens_per_s: float | None = None  # measured prefill drain rate (router's estimate); None: not yet known
     decode_step_s: float = 0.0  # recent engine step time while it decoded (what its streams' inter-token gaps are)
+    prompt_s_per_token: float = 0.0  # its steps of prompt tokens only: time per token, fixed costs included (0.0: unmeasured)
 
     @property
     def num_active(self) -> int:

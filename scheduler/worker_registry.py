@@ -47,7 +47,7 @@ def load_from_stats(stats: dict[str, Any], prefix_hashes: frozenset[int] = froze
         worker_id=stats["worker_id"], role=WorkerRole(stats["role"]), num_waiting=stats["num_waiting"],
         num_running=stats["num_running"], num_free_blocks=stats["num_free_blocks"], num_total_blocks=stats["num_total_blocks"],
         block_size=stats["block_size"], num_queued_tokens=stats["num_queued_tokens"], prefix_hashes=prefix_hashes,
-        decode_step_s=stats.get("decode_step_s", 0.0),
+        decode_step_s=stats.get("decode_step_s", 0.0), prompt_s_per_token=stats.get("prompt_s_per_token", 0.0),
     )
 
 

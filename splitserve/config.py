@@ -74,6 +74,10 @@ class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     local_prefill_threshold_tokens: int = Field(0, ge=0, description="prompts this short are prefilled on the decode worker")
+    local_prefill_budget_s: float = Field(
+        0.02, ge=0, description="prompts the decode worker would prefill this fast (its queue included, at the measured cost of a "
+        "prompt token) are prefilled there, not sent through a prefill worker and a KV transfer; 0: off",
+    )
     prefix_aware: bool = Field(True, description="route a prompt to the worker whose prefix cache holds most of it (workers report cache summaries)")
     max_prefill_queue_tokens: int | None = Field(None, ge=1, description="above this, prefill locally instead of queueing")
     slo_local_prefill: bool = Field(

@@ -75,7 +75,8 @@ class IngressCore:
                                        refresh_after_s=max(1.0, 4 * r.load_report_interval_s))
         self.spread = SpreadTracker()
         policy = LeastLoadedPolicy(
-            local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, max_prefill_queue_tokens=r.max_prefill_queue_tokens,
+            local_prefill_threshold_tokens=r.local_prefill_threshold_tokens, local_prefill_budget_s=r.local_prefill_budget_s,
+            max_prefill_queue_tokens=r.max_prefill_queue_tokens,
             degraded_mode=r.degraded_mode, ttft_target_s=cfg.slo.ttft_s if r.slo_local_prefill else None,
             itl_target_s=cfg.slo.tpot_s if r.slo_local_prefill else None,
         )

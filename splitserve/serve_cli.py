@@ -51,6 +51,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="most prompt tokens in a step that also decodes: a new prompt stalls running streams by at most this chunk")
     p.add_argument("--no-slo-scheduling", dest="slo_scheduling", action="store_false", default=None,
                    help="first come, first served on every worker (default: schedule to slo.ttft_s and slo.tpot_s)")
+    p.add_argument("--local-prefill-budget-s", type=float, default=None,
+                   help="prompts the decode worker would prefill within this many seconds (measured) are prefilled there, "
+                   "skipping the prefill worker and the KV transfer (default 0.02; 0: every prompt through a prefill worker)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=None,
                    help="turn the workers' prefix caches off (for measurements that must not reuse prompts)")
@@ -76,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
         "http.stream_interval": args.stream_interval,
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
         "engine.max_prefill_tokens_beside_decodes": args.max_prefill_tokens_beside_decodes,
-        "slo.schedule": getattr(args, "slo_scheduling", None),
+        "slo.schedule": getattr(args, "slo_scheduling", None), "routing.local_prefill_budget_s": getattr(args, "local_prefill_budget_s", None),
         "engine.kv_cache_memory_bytes": args.kv_cache_memory_bytes, "engine.deterministic": args.deterministic,
         "engine.enable_prefix_caching": getattr(args, "prefix_caching", None),
         "prefill_resources.num_cpus": args.worker_cpus, "decode_resources.num_cpus": args.worker_cpus,

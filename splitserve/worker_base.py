@@ -184,7 +184,8 @@ class EngineWorker:
             num_requests=self.num_requests, num_failed=self.num_failed, num_resumed=self.num_resumed,
             transfer_bytes=self.transfer_bytes, transfer_seconds=self.transfer_seconds, prefix_hits=pool.num_prefix_hits,
             prefix_queries=pool.num_prefix_queries, prefix_version=pool.prefix_version if pool.enable_prefix_caching else -1,
-            num_tokens=e.num_step_tokens, busy_s=e.busy_s, decode_step_s=e.decode_step_s if sched.running else 0.0, busy_fraction=self.busy.sample(time.monotonic(), e.busy_s),
+            num_tokens=e.num_step_tokens, busy_s=e.busy_s, decode_step_s=e.decode_step_s if sched.running else 0.0,
+            prompt_s_per_token=e.prompt_s_per_token, busy_fraction=self.busy.sample(time.monotonic(), e.busy_s),
             accelerator_memory_bytes=accelerator_memory_bytes(e.runner.device), seq=self._seq, time=time.time(),
         )
 

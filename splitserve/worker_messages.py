@@ -161,6 +161,7 @@ class WorkerStats:
     num_tokens: int = 0  # tokens the engine computed since start (prompt chunks and decodes)
     busy_s: float = 0.0  # engine step time since start (every second of it charged to some request)
     decode_step_s: float = 0.0  # moving average of decoding steps' time (its streams' inter-token gap)
+    prompt_s_per_token: float = 0.0  # moving average of step time per token of prompt-only steps (0.0: none yet)
     busy_fraction: float = 0.0  # busy time over wall time in the last ``meter_window_s``
     accelerator_memory_bytes: int = 0  # GPU memory allocated by this worker (0 on CPU)
     seq: int = 0

@@ -152,6 +152,7 @@ def run(model: str, workdir: Path, step_rate: float, trickle_rate: float) -> dic
             "planner": {"ttft_slo_s": 2.0, "itl_slo_s": 0.5, "profile": str(profile_path), "interval_s": 1.0,
                         "predictor": "constant", "scale_down_headroom": 0.2},
             "drain_timeout_s": 30.0,
+            "routing": {"local_prefill_budget_s": 0.0},  # every prompt through a prefill replica and NIXL (the tiny model's would stay local)
             "engine": {"model": model, "dtype": "float32", "num_kv_blocks": 256},
             "prefill_resources": {"num_cpus": 0.5, "resources": {"prefill_node": 1}},
             "decode_resources": {"num_cpus": 0.5, "resources": {"decode_node": 1}},

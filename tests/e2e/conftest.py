@@ -5,6 +5,10 @@ Apps share one HTTP proxy under different route prefixes: ``/d11`` (1 prefill +
 1 decode), ``/d12`` (1 prefill + 2 decode), ``/agg`` (1 aggregated worker),
 ``/faulty`` (2 prefill + 1 decode with failing and slow KV transfers) and
 ``/slowxfer`` (every transfer held 4 s).
+
+The tiny checkpoint prefills a short prompt far within ``routing.local_prefill_budget_s``, so the apps
+whose tests are about the transfer path set it to 0 (every prompt goes through a prefill worker);
+``/d12`` keeps the default and so serves a mix of local and remote prefills.
 """
 
 from __future__ import annotations
@@ -17,19 +21,19 @@ import httpx
 import pytest
 
 APPS = {
-    "d11": dict(mode="disaggregated", num_prefill=1, num_decode=1, price_per_accelerator_hour=2.5),
+    "d11": dict(mode="disaggregated", num_prefill=1, num_decode=1, price_per_accelerator_hour=2.5, routing=dict(local_prefill_budget_s=0.0)),
     "agg": dict(mode="aggregated", num_prefill=0, num_decode=1),
     "faulty": dict(
         mode="disaggregated", num_prefill=2, num_decode=1, transfer_timeout_s=1.0,
         faults=dict(fail_fraction=0.3, delay_fraction=0.2, delay_s=3.0, seed=7),
-        routing=dict(max_attempts=4, prefill_timeout_s=20.0),
+        routing=dict(max_attempts=4, prefill_timeout_s=20.0, local_prefill_budget_s=0.0),
     ),
     # two decode workers: a stream whose decode replica is killed resumes on the other (migration)
     "d12": dict(mode="disaggregated", num_prefill=1, num_decode=2),
     # every transfer takes 4 s, so a test can kill the prefill replica mid-request
     "slowxfer": dict(
         mode="disaggregated", num_prefill=2, num_decode=1, transfer_timeout_s=30.0,
-        faults=dict(delay_fraction=1.0, delay_s=4.0), routing=dict(max_attempts=3, prefill_timeout_s=30.0),
+        faults=dict(delay_fraction=1.0, delay_s=4.0), routing=dict(max_attempts=3, prefill_timeout_s=30.0, local_prefill_budget_s=0.0),
     ),
 }
 

@@ -327,6 +327,30 @@ def test_every_step_second_is_charged_to_the_sequences_in_it(tiny_model, make_ll
     assert charged[0] > charged[1]
 
 
+def test_prompt_cost_per_token_averages_only_the_steps_of_prompt_tokens(tiny_model, make_llm):
+    """``prompt_s_per_token`` (what the router's local-prefill budget reads): a moving average of step time over
+    tokens, taken from steps that computed prompt tokens only; decode steps and mixed steps leave it alone."""
+    llm = make_llm(tiny_model, max_num_batched_tokens=64)
+    engine = llm.engine
+    assert engine.prompt_s_per_token == 0.0  # unmeasured
+    steps: list[tuple[int, int, float]] = []
+    charge = engine._charge
+
+    def recording(sched, elapsed_s):
+        steps.append((sched.num_tokens, len(sched.decodes), elapsed_s))
+        charge(sched, elapsed_s)
+
+    engine._charge = recording
+    llm.generate([prompt_ids(4, 2), prompt_ids(150, 1)], greedy(6), use_tqdm=False)  # the long prompt chunked beside a decode
+    llm.generate([prompt_ids(100, 3)], greedy(2), use_tqdm=False)  # two chunks alone
+    expected = 0.0
+    for num_tokens, num_decodes, elapsed_s in steps:
+        if not num_decodes:
+            expected = elapsed_s / num_tokens if not expected else 0.8 * expected + 0.2 * elapsed_s / num_tokens
+    assert sum(1 for _, d, _ in steps if not d) >= 3 and any(d and n > d for n, d, _ in steps), steps  # mixed steps ran too
+    assert engine.prompt_s_per_token == pytest.approx(expected, rel=1e-12) and expected > 0
+
+
 def test_reserve_prompt_reuses_cached_leading_blocks_but_never_the_last(make_llm, tiny_model):
     engine = make_llm(tiny_model, num_kv_blocks=12).engine
     bs = engine.block_size

@@ -88,6 +88,31 @@ def test_reserve_then_fresh_report_replaces_optimistic_figures():
     assert (got.num_free_blocks, got.num_queued_tokens, got.num_waiting) == (64, 0, 0)
 
 
+def test_charged_prompt_tokens_drain_at_the_workers_measured_cost():
+    clock = FakeClock()
+    view = make_view(load("d0", prompt_s_per_token=1e-3, num_queued_tokens=7), load("p0", WorkerRole.PREFILL), clock=clock)
+    view.reserve("d0", num_blocks=2, num_tokens=100)
+    assert view.get("d0").num_queued_tokens == 107  # the reported queue + the charge
+    clock.now += 0.03  # 30 ms at 1 ms per token: 30 of the 100 prefilled
+    assert view.get("d0").num_queued_tokens == 7 + 70
+    view.reserve("d0", num_blocks=2, num_tokens=50)  # a burst piles up on what is left
+    assert view.get("d0").num_queued_tokens == 7 + 120
+    clock.now += 1.0
+    got = view.get("d0")
+    assert (got.num_queued_tokens, got.num_waiting, got.num_free_blocks) == (7, 2, 96)  # the reported queue never drains
+    # a worker that measured nothing drains at the slowest cost another worker reported (one model everywhere) ...
+    view.reserve("p0", num_blocks=0, num_tokens=100)
+    clock.now += 0.05
+    assert view.get("p0").num_queued_tokens == 50
+    # ... and with no measurement anywhere, the charge stays until the worker's next report
+    view = make_view(load("d0"), clock=clock)
+    view.reserve("d0", num_blocks=0, num_tokens=100)
+    clock.now += 60
+    assert view.get("d0").num_queued_tokens == 100
+    view.update(load("d0", num_queued_tokens=3))
+    assert view.get("d0").num_queued_tokens == 3
+
+
 def test_reserve_unknown_worker_raises():
     with pytest.raises(KeyError, match="unknown worker 'ghost'"):
         make_view(load("d0")).reserve("ghost", 1, 1)

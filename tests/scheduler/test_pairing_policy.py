@@ -177,6 +177,40 @@ def test_default_threshold_sends_every_uncached_prompt_remote():
     assert LeastLoadedPolicy().pick(req(1), [load("d0"), prefill("p0")]).prefill_worker_id == "p0"
 
 
+def test_prompt_within_the_time_budget_prefills_locally():
+    # the prefill worker measured 0.1 ms per prompt token: 20 ms of budget is 200 tokens, queue included
+    policy = LeastLoadedPolicy(local_prefill_budget_s=0.02)
+    loads = [load("d0"), prefill("p0", prompt_s_per_token=1e-4)]
+    decision = policy.pick(req(200), loads)
+    assert decision.prefill_worker_id is None and decision.fallback is None  # the normal path for a short prompt
+    assert "200 uncached prompt tokens (+0 queued) take ~20.0 ms here" in decision.reason and "measured on p0" in decision.reason
+    assert policy.pick(req(201), loads).prefill_worker_id == "p0"
+    # what the decode worker already has queued counts against the budget
+    loads[0] = load("d0", num_queued_tokens=150)
+    assert policy.pick(req(50), loads).prefill_worker_id is None
+    assert policy.pick(req(51), loads).prefill_worker_id == "p0"
+
+
+def test_time_budget_prefers_the_decode_workers_own_measurement():
+    policy = LeastLoadedPolicy(local_prefill_budget_s=0.02)
+    slow_here = [load("d0", prompt_s_per_token=1e-3), prefill("p0", prompt_s_per_token=1e-5)]
+    assert policy.pick(req(50), slow_here).prefill_worker_id == "p0"  # 50 ms on d0, however fast p0 is
+    fast_here = [load("d0", prompt_s_per_token=1e-5), prefill("p0", prompt_s_per_token=1e-3)]
+    decision = policy.pick(req(1000), fast_here)
+    assert decision.prefill_worker_id is None and "measured on d0" in decision.reason
+
+
+def test_time_budget_needs_a_measurement_and_a_budget():
+    unmeasured = [load("d0"), prefill("p0")]
+    assert LeastLoadedPolicy(local_prefill_budget_s=10.0).pick(req(1), unmeasured).prefill_worker_id == "p0"
+    measured = [load("d0"), prefill("p0", prompt_s_per_token=1e-6)]
+    assert LeastLoadedPolicy().pick(req(1), measured).prefill_worker_id == "p0"  # budget 0: off
+    with pytest.raises(ValueError, match="local_prefill_budget_s"):
+        LeastLoadedPolicy(local_prefill_budget_s=-0.01)
+    with pytest.raises(ValueError, match="local_prefill_budget_s"):
+        LeastLoadedPolicy(local_prefill_budget_s=float("nan"))
+
+
 def test_prefix_cached_on_decode_worker_makes_prefill_local():
     # 100-token prompt, 6 full blocks; the decode worker holds the first 5 -> 20 uncached tokens.
     hashes = [11, 12, 13, 14, 15, 16]

@@ -114,7 +114,12 @@ async def stop_workers(workers: Iterable[EngineWorker]) -> None:
 
 
 class Stack:
-    """An ``IngressCore`` + app over given workers, each behind its own ``LocalHandle``."""
+    """An ``IngressCore`` + app over given workers, each behind its own ``LocalHandle``.
+
+    ``routing.local_prefill_budget_s`` is 0 unless a test sets it: the tiny checkpoint prefills a short
+    prompt in well under the default budget, so with it every prompt a test sends after the first
+    would be prefilled on the decode worker, not through the transfer path the test is about.
+    """
 
     def __init__(
         self, model: str, prefill: list[EngineWorker], decode: list[EngineWorker], *, mode: str | None = None,
@@ -126,6 +131,7 @@ class Stack:
         self.handles = {wid: LocalHandle(w) for wid, w in {**self.prefill_workers, **self.decode_workers}.items()}
         mode = mode or ("disaggregated" if prefill else "aggregated")
         engine = {"model": model, **cfg.pop("engine", {})}
+        cfg["routing"] = {"local_prefill_budget_s": 0.0, **cfg.get("routing", {})}
         self.cfg = ServeConfig(mode=mode, num_prefill=max(1, len(prefill)), num_decode=len(decode), engine=engine, **cfg)
         self.directory = LocalDirectory(self.handles, poll_interval_s=self.cfg.routing.load_report_interval_s)
         self.core = IngressCore(self.cfg, model, self.directory)

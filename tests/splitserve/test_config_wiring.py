@@ -50,3 +50,20 @@ def test_a_reservation_that_cannot_outlive_its_prefill_is_refused():
     assert ServeConfig().with_overrides({"routing.prefill_timeout_s": 900}).reservation_ttl_seconds == 960.0
     with pytest.raises(ValueError, match="kv_wait_timeout_s"):
         ServeConfig(kv_wait_timeout_s=0)
+
+
+def test_local_prefill_budget_from_the_command_line_or_the_yaml(tmp_path):
+    import argparse
+
+    from splitserve.serve_cli import add_serve_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    path = tmp_path / "splitserve.yaml"
+    path.write_text("routing: {local_prefill_budget_s: 0.5}\n")
+    budget = lambda *argv: config_from_args(parser.parse_args(["serve", *argv])).routing.local_prefill_budget_s  # noqa: E731
+    assert budget() == ServeConfig().routing.local_prefill_budget_s > 0  # on by default
+    assert budget("--config", str(path)) == 0.5
+    assert budget("--config", str(path), "--local-prefill-budget-s", "0") == 0.0  # the flag wins; 0 turns it off
+    with pytest.raises(ValueError, match="local_prefill_budget_s"):
+        budget("--local-prefill-budget-s", "-1")
