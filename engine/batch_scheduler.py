@@ -170,7 +170,7 @@ class BatchScheduler:
         step_prompt_tokens, step_deadline = 0, float("inf")  # prompt tokens in this step; the earliest TTFT deadline among them
         scheduled: list[ScheduledChunk] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below by an earlier sequence
+            if seq.status is not SequenceStatus.RUNNING:  # preempted below by an earlier sequence
                 continue
             if budget <= 0:
                 break

@@ -26,7 +26,7 @@ import torch
 from splitserve.engine.batch_scheduler import BatchScheduler, SchedulerOutput
 from splitserve.engine.block_pool import BlockPool, NoFreeBlocks, compute_block_hashes
 from splitserve.engine.config import EngineConfig, resolve_max_model_len
-from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.detokenizer import IncrementalDetokenizer, decoder_for
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -55,6 +55,7 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = resolve_max_model_len(cfg.max_model_len, mc)
         self.tokenizer = load_tokenizer(self.model_path)
+        self._decode = None if self.tokenizer is None else decoder_for(self.tokenizer)  # one for every sequence's detokenizer
         self.runner = ModelRunner(cfg, self.model_path, mc, self.max_model_len)
         self.block_size = self.runner.block_size
         self.pool = BlockPool(self.runner.num_blocks, self.block_size, cfg.enable_prefix_caching)
@@ -76,7 +77,7 @@ class LLMEngine:
         self.num_step_tokens = 0  # tokens computed by steps (prompt chunks and decodes)
         self.decode_step_s = 0.0  # moving average of the time of steps that decoded (the gap between a stream's tokens)
         # moving average of (step time / tokens) over steps that computed prompt tokens only: what a short prompt costs
-        # here, a step's fixed cost included (so it reads high for short prompts, never low); 0.0 until measured
+        # here, a step's fixed cost spread over its tokens (more than a prompt adds to a step it joins); 0.0 until measured
         self.prompt_s_per_token = 0.0
 
     # ---- requests -------------------------------------------------------------
@@ -166,7 +167,9 @@ class LLMEngine:
         p = seq.params
         self._seqs[seq.req_id] = seq
         self._prompts[seq.req_id] = prompt
-        self._detok[seq.req_id] = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens, list(p.stop), p.include_stop_str_in_output)
+        self._detok[seq.req_id] = IncrementalDetokenizer(
+            self.tokenizer, p.skip_special_tokens, list(p.stop), p.include_stop_str_in_output, _decode=self._decode,
+        )
         self._emitted[seq.req_id] = (0, 0)
 
     # ---- KV hand-off (disaggregated roles) ------------------------------------

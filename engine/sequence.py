@@ -30,7 +30,7 @@ class SequenceStatus(enum.Enum):
         return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: value equality made every `seq in running` compare all fields (O(n^2) per step)
 class Sequence:
     req_id: str
     token_ids: list[int]  # prompt followed by generated tokens
