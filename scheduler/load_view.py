@@ -15,13 +15,13 @@ that still shows the finished one's blocks taken. A waiting request's share stay
 until the next report, as the burst spreading above needs. Prompt tokens charged
 to a worker's queue drain from the picture at the worker's measured cost per
 prompt token (``prompt_s_per_token``: its own, else the highest any worker
-reported, as all serve one model; a step's fixed cost is spread over its tokens,
-so it mostly reads high and the picture drains slower than the worker): a worker sent a few
-short prompts looks free again once it must have prefilled them, not only at its
-next report, while a burst within that time still piles up. Unmeasured, the
-tokens stay until the next report. A
-report taken after the worker freed the blocks but received before the release
-overstates its free blocks by one request's until the next report; a worker
+reported, as all serve one model; a step's fixed cost is spread over its
+tokens, so it mostly reads high and the picture drains slower than the worker):
+a worker sent a few short prompts looks free again once it must have prefilled
+them, not only at its next report, while a burst within that time still piles
+up. Unmeasured, the tokens stay until the next report. A report taken after
+the worker freed the blocks but received before the release overstates its
+free blocks by one request's until the next report; a worker
 that then lacks room refuses the reservation and the router tries the next, as
 for any stale picture.
 
