@@ -76,9 +76,11 @@ class LLMEngine:
         self.busy_s = 0.0  # time spent in steps (forward, sampling, bookkeeping), all of it charged to sequences
         self.num_step_tokens = 0  # tokens computed by steps (prompt chunks and decodes)
         self.decode_step_s = 0.0  # moving average of the time of steps that decoded (the gap between a stream's tokens)
-        # moving average of (step time / tokens) over steps that computed prompt tokens only: what a short prompt costs
-        # here, a step's fixed cost spread over its tokens (more than a prompt adds to a step it joins); 0.0 until measured
-        self.prompt_s_per_token = 0.0
+
+    @property
+    def prompt_s_per_token(self) -> float:
+        """Step time over tokens of this engine's recent prompt-only steps (``StepCosts``); 0.0 until measured."""
+        return self.scheduler.costs.prompt_step_s_per_token or 0.0
 
     # ---- requests -------------------------------------------------------------
     def tokenize(self, prompt: str | Seq[int]) -> list[int]:
@@ -317,9 +319,6 @@ class LLMEngine:
         self.scheduler.costs.observe(sched.num_tokens - len(sched.decodes), len(sched.decodes), elapsed_s)
         if sched.decodes:
             self.decode_step_s = elapsed_s if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * elapsed_s
-        elif sched.num_tokens:
-            per_prompt_token = elapsed_s / sched.num_tokens
-            self.prompt_s_per_token = per_prompt_token if not self.prompt_s_per_token else 0.8 * self.prompt_s_per_token + 0.2 * per_prompt_token
         per_token = elapsed_s / max(1, sched.num_tokens)
         for chunk in sched.chunks:
             chunk.seq.compute_s += per_token * chunk.num_new_tokens

@@ -59,13 +59,20 @@ class LatencyTargets:
 
 
 class StepCosts:
-    """Moving averages of a plain decode step and of one prompt token, from the engine's timed steps."""
+    """Moving averages of a plain decode step and of one prompt token, from the engine's timed steps.
+
+    ``s_per_prompt_token`` is a prompt token's share of a step beyond its decodes, from chunks of at
+    least ``min_prompt_tokens``. ``prompt_step_s_per_token`` is step time over tokens for steps of
+    prompt tokens only, of any size: a step's fixed cost spread over its tokens, so it reads high for
+    short prompts; the router's local-prefill budget reads it (workers report it with their load).
+    """
 
     def __init__(self, weight: float = 0.2, min_prompt_tokens: int = 32) -> None:
         self.weight = weight
         self.min_prompt_tokens = min_prompt_tokens  # smaller chunks say more about the step than about a token
         self.decode_step_s: float | None = None
         self.s_per_prompt_token: float | None = None
+        self.prompt_step_s_per_token: float | None = None
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.weight) * old + self.weight * new
@@ -75,6 +82,8 @@ class StepCosts:
             if num_decodes:
                 self.decode_step_s = self._mix(self.decode_step_s, elapsed_s)
             return
+        if not num_decodes:
+            self.prompt_step_s_per_token = self._mix(self.prompt_step_s_per_token, elapsed_s / num_prompt_tokens)
         if num_prompt_tokens < self.min_prompt_tokens:
             return
         beside = (self.decode_step_s or 0.0) if num_decodes else 0.0

@@ -32,9 +32,10 @@
    the step's fixed cost spread over them, which is more than a prompt adds to
    a decode step it joins (that step pays the fixed cost anyway), so the rule
    errs toward remote prefill; it blends steps of every size, so it is a
-   rough figure. Until a worker has measured it the rule does not apply. Workers report it with their load; prompts sent here
-   join the decode worker's queue in the router's view at once, so a burst of
-   short prompts fills the budget and the rest go remote.
+   rough figure. Until a worker has measured it the rule does not apply.
+   Workers report it with their load; prompts sent here join the decode
+   worker's queue in the router's view at once, so a burst of short prompts
+   fills the budget and the rest go remote.
 5. With SLO targets (``ttft_target_s``, ``itl_target_s``): prefill locally when the
    prefill worker would start this prompt too late -- its queued tokens plus this
    prompt's, at its measured rate, take longer than the TTFT target -- and the

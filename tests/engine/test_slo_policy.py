@@ -63,6 +63,17 @@ def test_step_costs_separate_a_decode_step_from_a_prompt_token():
     assert c.s_per_prompt_token == pytest.approx(0.002)
 
 
+def test_step_costs_keep_step_time_per_token_of_prompt_only_steps_of_any_size():
+    c = StepCosts(weight=0.5)
+    c.observe(0, 4, 0.03)  # decodes only, and beside decodes: not a prompt-only step
+    c.observe(100, 4, 1.0)
+    assert c.prompt_step_s_per_token is None
+    c.observe(8, 0, 0.04)  # 5 ms per token, the step's fixed cost included, however few tokens
+    assert c.prompt_step_s_per_token == pytest.approx(0.005)
+    c.observe(1000, 0, 1.0)
+    assert c.prompt_step_s_per_token == pytest.approx(0.5 * 0.005 + 0.5 * 0.001)
+
+
 def test_on_time_prompts_go_before_late_ones_which_keep_their_order():
     # at t=10 with 1 ms per token, in arrival order: a (arrived 6.5) would end at 11.0 > 9.5: late; b (arrived 8.0,
     # 1000 tokens) at 11.0 <= 11.0; c (arrived 8.5, 600 tokens) after b at 11.6 > 11.5: late; d (100 tokens) at 11.1 <= 12.0

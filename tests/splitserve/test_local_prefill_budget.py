@@ -36,7 +36,7 @@ def test_short_prompts_prefill_on_the_decode_worker_once_the_cost_is_measured(ai
         routing = {"prefix_aware": False, "local_prefill_budget_s": 1000.0, "load_report_interval_s": 0.1}
         async with Stack(tiny_model, [p], [d], routing=routing) as s:
             assert s.core.router.policy.local_prefill_budget_s == 1000.0  # the config reaches the policy
-            p.engine.prompt_s_per_token = d.engine.prompt_s_per_token = 0.0  # as if new: nothing measured
+            p.engine.scheduler.costs.prompt_step_s_per_token = d.engine.scheduler.costs.prompt_step_s_per_token = None  # as if new
             await asyncio.sleep(0.3)  # a report of that
             transfers = p.transfer_bytes
             got, _ = await collect(s.core, short, greedy(MAX_TOKENS))
