@@ -78,6 +78,13 @@ class AsyncEngine:
             q.put_nowait(EngineStopped("the engine stopped while this request ran"))
 
     # ---- calls into the engine thread ------------------------------------------
+    def run_before_start(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread and wait for it; only before ``start()`` (nothing else steps the engine then),
+        e.g. ``engine.warm_up.warm_up`` on the thread that will step the engine."""
+        if self._task is not None or self._stopped:
+            raise RuntimeError("run_before_start: the engine loop has already started")
+        return self._executor.submit(fn).result()
+
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in the engine thread between steps; its result or exception comes back."""
         self.start()

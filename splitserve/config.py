@@ -190,6 +190,10 @@ class ServeConfig(BaseModel):
         None, ge=0, description="turns compute-seconds per tenant into splitserve_compute_cost_total (a worker replica = one accelerator)",
     )
     transfer_timeout_s: float = Field(30.0, gt=0, description="one KV transfer")
+    warm_up_prompt_tokens: int = Field(
+        32, ge=0, description="before serving, each worker times a throwaway prompt this long and a few decode steps: the "
+        "first request pays no one-time set-up and routing has the step costs from the start (0: no warm-up)",
+    )
     kv_wait_timeout_s: float = Field(60.0, gt=0, description="decode side: how long a request waits for its KV once prefilled")
     reservation_ttl_s: float | None = Field(
         None, gt=0, description="decode blocks reserved for a request that never claims them are freed after this; "

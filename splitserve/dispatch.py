@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,14 @@ class Dispatcher:
         self.call_timeout_s = call_timeout_s
         self.admission = admission
         self.feeds = FeedReaders(uuid.uuid4().hex, death_signal=registry.death_signal)
+        self._streaming_handles: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def _streaming(self, handle: Any) -> Any:
+        """``handle.options(stream=True)``, made once per worker handle: Serve builds a new handle on every call."""
+        streaming = self._streaming_handles.get(handle)
+        if streaming is None:
+            streaming = self._streaming_handles[handle] = handle.options(stream=True)
+        return streaming
 
     def note_failure(self, worker_id: str, e: BaseException) -> None:
         """Route around a worker that died (until it reports again) or did not answer in time (until its next poll)."""
@@ -159,7 +168,7 @@ class Dispatcher:
         token the first chunk must carry. Whatever ends the stream early, the request is aborted on the worker
         (unless it died), which also frees a reservation."""
         inbox = self.feeds.subscribe(worker_id, handle, req_id)  # before the call: no chunk can come first
-        call = getattr(handle.options(stream=True), method).remote(msg, self.feeds.feed_id)
+        call = getattr(self._streaming(handle), method).remote(msg, self.feeds.feed_id)
         finished = died = False
         watcher = None
         try:

@@ -43,7 +43,7 @@ from splitserve.http_guard import APIError, HTTPGuard, internal_error_message, p
 from splitserve.metrics import Metrics
 from splitserve.openapi_bodies import openapi_with_request_bodies, request_body_schema
 from splitserve.planner_policy import read_decisions
-from splitserve.request_prep import PromptBuilder, off_loop
+from splitserve.request_prep import PromptBuilder, near_loop
 from splitserve.router import RequestFailed, RoutedRequest, Router
 from splitserve.worker_messages import OutputChunk
 from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PromptTooLarge
@@ -91,11 +91,11 @@ class IngressCore:
             raise APIError(404, f"model {name!r} does not exist; this server serves {self.served_name!r}", "NotFoundError", "model")
 
     async def prompt_ids(self, req: oai.CompletionRequest | oai.ChatCompletionRequest, chat: bool) -> list[int]:
-        """Template and tokenize off the event loop (see ``splitserve.request_prep``)."""
+        """Template (always) and tokenize (unless short) off the event loop (see ``splitserve.request_prep``)."""
         if not chat:
-            return await off_loop(self.prep.completion_ids, req)
+            return await near_loop(self.prep.completion_size(req), self.prep.completion_ids, req)
         text = await self.prep.chat_text_bounded(req)
-        return await off_loop(self.prep.chat_ids, text)
+        return await near_loop(len(text), self.prep.chat_ids, text)
 
     def routed(
         self, req: oai.CompletionRequest | oai.ChatCompletionRequest, prompt_ids: list[int], chat: bool, req_id: str | None = None,
@@ -229,7 +229,7 @@ def build_http_app(core: IngressCore) -> FastAPI:
             body += part
             if len(body) > cfg.max_request_bytes:
                 raise APIError(413, f"request body exceeds the limit of {cfg.max_request_bytes} bytes")
-        return await off_loop(core.prep.parse, bytes(body), model)
+        return await near_loop(len(body), core.prep.parse, bytes(body), model)
 
     async def serve_request(request: Request, chat: bool) -> Response:
         req_id = request.state.request_id  # set by HTTPGuard; the request's id on every worker and in every log line

@@ -1,8 +1,10 @@
 """What prefill and decode workers share: an engine in a thread, a NIXL agent, published load.
 
 Lifecycle of a worker replica:
-  1. construction loads the model, allocates the KV pool and registers it with
-     NIXL once; the worker names itself ``<role>-<Serve replica id>`` (a restarted
+  1. construction loads the model, allocates the KV pool, warms the engine up on
+     its step thread (``engine.warm_up``: the first request pays no one-time costs,
+     and the step costs routing reads are measured before traffic) and registers
+     the pool with NIXL once; the worker names itself ``<role>-<Serve replica id>`` (a restarted
      replica is a new replica with a new name, so its peers re-handshake);
   2. Serve captures ``record_replica_metadata()`` once before routing to it: the
      name, role, KV layout and the NIXL agent metadata the prefill side needs;
@@ -42,6 +44,7 @@ from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.block_pool import WorkerBusy
 from splitserve.engine.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.warm_up import warm_up
 from splitserve.token_feed import FeedHub
 from splitserve.transfer import make_transfer_agent
 from splitserve.worker_messages import GenerateRequest, OutputChunk, ResumeRequest, TokenBatch, WorkerStats
@@ -65,6 +68,7 @@ class WorkerOptions:
     fault_seed: int = 0
     prefix_report_max_blocks: int = 16384  # cap on the cached-block hashes a prefix summary carries
     meter_window_s: float = 30.0  # the SLA planner's view of this worker: rates and p90s over this window
+    warm_up_prompt_tokens: int = 32  # before serving, time a throwaway prompt of this many tokens (engine.warm_up); 0: no
 
 
 def own_worker_id(role: str) -> str:
@@ -119,6 +123,8 @@ class EngineWorker:
         self.worker_id = worker_id or own_worker_id(self.role)
         self.engine = LLMEngine(cfg)
         self.aengine = AsyncEngine(self.engine)
+        if self.options.warm_up_prompt_tokens > 0:
+            self.aengine.run_before_start(lambda: warm_up(self.engine, self.options.warm_up_prompt_tokens))
         t1 = time.time()
         o = self.options
         self.agent = make_transfer_agent(

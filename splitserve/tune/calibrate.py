@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 from splitserve.tune.curves import Profiles
 from splitserve.tune.planner import evaluate
-from splitserve.tune.simulator import Split
+from splitserve.tune.simulator import NO_LOCAL_PREFILL, LocalPrefill, Split
 from splitserve.tune.workload import SLO, Workload
 
 
@@ -81,7 +81,7 @@ def _lowest_rate_rows(measured: Iterable[Mapping[str, str]], key: str) -> dict[s
 
 
 def calibrate(measured: Iterable[Mapping[str, str]], workload: Workload, slo: SLO, profiles: Profiles,
-              seed: int | None = None) -> Calibration:
+              seed: int | None = None, local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> Calibration:
     """Fit the slowdown to every split's lowest-rate ITL, then the hand-off latency (see the module doc).
 
     Raises ``ValueError`` when the sweep has no inter-token latency to fit to.
@@ -90,14 +90,15 @@ def calibrate(measured: Iterable[Mapping[str, str]], workload: Workload, slo: SL
     itl_points = []
     for label, row in sorted(_lowest_rate_rows(measured, "itl_p50").items()):
         rate = float(row["rate"])
-        sim = evaluate(Split.parse(label), workload, slo, profiles, rate, int(row["num_requests"]), seed, keep_gaps=True).summary
+        sim = evaluate(Split.parse(label), workload, slo, profiles, rate, int(row["num_requests"]), seed, keep_gaps=True,
+                       local_prefill=local_prefill).summary
         if sim.itl_p50:
             itl_points.append((label, rate, float(row["itl_p50"]) / sim.itl_p50))
     if not itl_points:
         raise ValueError("nothing to calibrate from: the measured sweep has no inter-token latency (itl_p50) at any point")
     slowdown = statistics.median(r for _, _, r in itl_points)
     scaled = scale_speed(profiles, slowdown)
-    handoff = calibrate_handoff(measured, workload, slo, scaled, seed) if _has_disaggregated(measured) else None
+    handoff = calibrate_handoff(measured, workload, slo, scaled, seed, local_prefill) if _has_disaggregated(measured) else None
     latency = handoff.latency_s if handoff else scaled.transfer.latency_s
     meta = {**profiles.meta, "assumed_handoff_latency_s": profiles.transfer.latency_s, "calibrated_slowdown": slowdown,
             "calibrated_handoff_latency_s": latency}
@@ -110,7 +111,7 @@ def _has_disaggregated(measured: list[Mapping[str, str]]) -> bool:
 
 
 def calibrate_handoff(measured: Iterable[Mapping[str, str]], workload: Workload, slo: SLO, profiles: Profiles,
-                      seed: int | None = None) -> Calibration:
+                      seed: int | None = None, local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> Calibration:
     """Fit only ``profiles.transfer.latency_s`` to the lowest-rate TTFT of each disaggregated split in ``measured``.
 
     ``measured``: rows of a ``splitserve tune`` results.csv (``split``, ``rate``,
@@ -126,7 +127,7 @@ def calibrate_handoff(measured: Iterable[Mapping[str, str]], workload: Workload,
     points = []
     for label, row in sorted(lowest.items()):
         rate = float(row["rate"])
-        sim = evaluate(Split.parse(label), workload, slo, no_handoff, rate, int(row["num_requests"]), seed).summary
+        sim = evaluate(Split.parse(label), workload, slo, no_handoff, rate, int(row["num_requests"]), seed, local_prefill=local_prefill).summary
         if sim.ttft_p50 is None:
             continue
         points.append((label, rate, float(row["ttft_p50"]) - sim.ttft_p50))

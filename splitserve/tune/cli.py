@@ -11,6 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
+from splitserve.config import RoutingConfig
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -37,6 +39,19 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=None,
                    help="requests per (split, rate); tune: 20, simulate: at least max(300, 60 x workers)")
     p.add_argument("--seed", type=int, default=0)
+    routing = RoutingConfig.model_fields
+    p.add_argument("--local-prefill-budget-s", type=float, default=routing["local_prefill_budget_s"].default,
+                   help="routing.local_prefill_budget_s of the servers: short prompts are prefilled on their decode worker "
+                        "(default: splitserve serve's; 0: every prompt through a prefill worker)")
+    p.add_argument("--local-prefill-threshold-tokens", type=int, default=routing["local_prefill_threshold_tokens"].default,
+                   help="routing.local_prefill_threshold_tokens of the servers (default: splitserve serve's)")
+
+
+def local_prefill_from(args: argparse.Namespace):
+    """The servers' conditional disaggregation, as the simulator models it (``simulator.LocalPrefill``)."""
+    from splitserve.tune.simulator import LocalPrefill
+
+    return LocalPrefill(args.local_prefill_threshold_tokens, args.local_prefill_budget_s)
 
 
 def _workload(args: argparse.Namespace):
@@ -130,11 +145,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         from splitserve.tune.commands import compare_with_measured
 
         return compare_with_measured(Path(args.against), wl, slo, profiles, args.seed, calibrate=args.calibrate,
-                                     out=Path(args.out) if args.out else None)
+                                     out=Path(args.out) if args.out else None, local_prefill=local_prefill_from(args))
     if args.calibrate:
         raise ValueError("--calibrate needs --against (a measured results.csv to fit to)")
+    local = local_prefill_from(args)
     print("simulator assumptions: one worker per unit of tp GPUs; least-loaded routing on exact load; KV links never contend; "
-          "FCFS prefill with chunking under the token budget; continuous-batching decode")
+          "FCFS prefill with chunking under the token budget; continuous-batching decode; "
+          f"prompts prefilled on their decode worker when <= {local.threshold_tokens} tokens or within {local.budget_s:g} s there")
     all_rows, summary = [], []
     for units in args.units:
         workers = units // tp
@@ -145,7 +162,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         splits = candidate_splits(workers)
         with tqdm(total=len(splits), desc=f"{units} GPUs", unit="split", leave=False) as bar:
             res = search_best_split(workers, wl, slo, profiles, args.rates, num_requests=n, seed=args.seed,
-                                    target_attainment=args.target_attainment, progress=lambda _label: bar.update(1))
+                                    target_attainment=args.target_attainment, progress=lambda _label: bar.update(1),
+                                    local_prefill=local)
         all_rows += [r for r in res.rows]
         rank = res.ranking()
         agg = next((v for k, v in rank if k.startswith("agg")), 0.0)

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from splitserve.tune.simulator import Split
+from splitserve.tune.simulator import NO_LOCAL_PREFILL, LocalPrefill, Split
 from splitserve.tune.workload import SLO, Workload
 
 
@@ -59,11 +59,13 @@ def _parse_splits(text: str | None) -> list[Split] | None:
     return [Split.parse(s) for s in text.split(",") if s.strip()]
 
 
-def predict(rows, workload: Workload, slo: SLO, profiles, num_requests: int, seed: int) -> dict[tuple[str, float], float]:
+def predict(rows, workload: Workload, slo: SLO, profiles, num_requests: int, seed: int,
+            local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> dict[tuple[str, float], float]:
     """The simulator's goodput for each measured (split, rate), on the very same request list."""
     from splitserve.tune.planner import evaluate
 
-    return {(r.split, r.rate): evaluate(Split.parse(r.split), workload, slo, profiles, r.rate, num_requests, seed).summary.goodput
+    return {(r.split, r.rate): evaluate(Split.parse(r.split), workload, slo, profiles, r.rate, num_requests, seed,
+                                        local_prefill=local_prefill).summary.goodput
             for r in rows}
 
 
@@ -73,6 +75,7 @@ def tune(args: argparse.Namespace, workload: Workload, slo: SLO) -> int:
     from tqdm.auto import tqdm
 
     from splitserve.tune import report
+    from splitserve.tune.cli import local_prefill_from
     from splitserve.tune.sweep import SweepConfig, best_of, plan_splits, run_sweep
 
     profiles = None
@@ -87,7 +90,7 @@ def tune(args: argparse.Namespace, workload: Workload, slo: SLO) -> int:
         model=_model_path(args.model), workload=workload, slo=slo, rates=sorted(args.rates), num_requests=args.num_requests or 20,
         units=args.units, splits=_parse_splits(args.splits), dtype=args.dtype, num_kv_blocks=args.num_kv_blocks,
         max_num_batched_tokens=args.max_num_batched_tokens, port=args.port, ready_timeout_s=args.ready_timeout,
-        request_timeout_s=args.request_timeout, seed=args.seed,
+        request_timeout_s=args.request_timeout, seed=args.seed, local_prefill=local_prefill_from(args),
     )
     splits = cfg.splits or plan_splits(cfg.units)
     print(f"workload {workload.describe()}; SLO {slo.describe()}")
@@ -103,7 +106,7 @@ def tune(args: argparse.Namespace, workload: Workload, slo: SLO) -> int:
             bar.update(1)
 
         rows, records = run_sweep(cfg, progress)
-    predicted = predict(rows, workload, slo, profiles, cfg.num_requests, args.seed) if profiles else None
+    predicted = predict(rows, workload, slo, profiles, cfg.num_requests, args.seed, cfg.local_prefill) if profiles else None
     extra = {k: {"sim_goodput": v} for k, v in (predicted or {}).items()}
     report.write_results_csv(rows, out / "results.csv", extra)
     report.write_requests_csv(records, slo, out / "requests.csv")
@@ -128,7 +131,7 @@ def tune(args: argparse.Namespace, workload: Workload, slo: SLO) -> int:
 
 
 def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profiles, seed: int, calibrate: bool = False,
-                          out: Path | None = None) -> int:
+                          out: Path | None = None, local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> int:
     """Simulate every (split, rate) of a measured ``results.csv`` on the same requests; print both and the error.
 
     ``calibrate``: first fit the workers' live slowdown and the hand-off latency to
@@ -147,7 +150,7 @@ def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profi
     if calibrate:
         from splitserve.tune.calibrate import calibrate as fit
 
-        cal = fit(measured, workload, slo, profiles, seed)
+        cal = fit(measured, workload, slo, profiles, seed, local_prefill)
         profiles = cal.profiles
         print(cal.describe())
         if out is not None:
@@ -159,7 +162,7 @@ def compare_with_measured(results_csv: Path, workload: Workload, slo: SLO, profi
     errs, lat_errs, held_out = [], [], []
     for m in measured:
         rate, n = float(m["rate"]), int(m["num_requests"])
-        sim = evaluate(Split.parse(m["split"]), workload, slo, profiles, rate, n, seed, keep_gaps=True).summary
+        sim = evaluate(Split.parse(m["split"]), workload, slo, profiles, rate, n, seed, keep_gaps=True, local_prefill=local_prefill).summary
         good = float(m["goodput"])
         err = (sim.goodput - good) / good * 100 if good > 0 else float("nan")
         fitted = cal is not None and cal.used(m["split"], rate)

@@ -20,7 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from splitserve.tune.curves import Profiles
-from splitserve.tune.simulator import Split, candidate_splits, simulate
+from splitserve.tune.simulator import NO_LOCAL_PREFILL, LocalPrefill, Split, candidate_splits, simulate
 from splitserve.tune.workload import SLO, RunSummary, Workload, summarize
 
 
@@ -67,21 +67,24 @@ def default_num_requests(num_units: int) -> int:
 
 
 def evaluate(split: Split, workload: Workload, slo: SLO, profiles: Profiles, rate: float, num_requests: int,
-             seed: int | None = None, keep_gaps: bool = False, max_misses: int | None = None) -> Row:
-    """Simulate ``num_requests`` of ``workload`` at ``rate`` on ``split`` (``max_misses``: see ``simulate``)."""
+             seed: int | None = None, keep_gaps: bool = False, max_misses: int | None = None,
+             local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> Row:
+    """Simulate ``num_requests`` of ``workload`` at ``rate`` on ``split`` (``max_misses``, ``local_prefill``: see ``simulate``)."""
     reqs = workload.requests(rate, num_requests, seed)
-    records = simulate(split, reqs, profiles, keep_gaps=keep_gaps, slo=slo if max_misses is not None else None, max_misses=max_misses)
+    records = simulate(split, reqs, profiles, keep_gaps=keep_gaps, slo=slo if max_misses is not None else None, max_misses=max_misses,
+                       local_prefill=local_prefill)
     return Row(split.label, rate, summarize(records, slo))
 
 
-def throughput_bound(split: Split, workload: Workload, profiles: Profiles) -> float:
+def throughput_bound(split: Split, workload: Workload, profiles: Profiles, local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> float:
     """Requests per second the split cannot exceed in steady state, whatever the SLO.
 
     Prefill workers at best run full token-budget steps; decode workers at best run
     full batches (``max_num_seqs``, or what the KV capacity holds); an aggregated
     worker at best pushes every prompt and output token through full-budget steps.
     Bisection never goes above it, so a short simulated run cannot pass off a
-    slowly growing queue as sustainable.
+    slowly growing queue as sustainable. With local prefill, decode workers may prefill
+    too, so every worker counts toward the prefill side of the bound.
     """
     mean_in, mean_out = _mean_lens(workload)
     p, d = profiles.prefill, profiles.decode
@@ -92,7 +95,8 @@ def throughput_bound(split: Split, workload: Workload, profiles: Profiles) -> fl
     ctx_per_seq = mean_in + mean_out / 2
     n = max(1, min(d.max_num_seqs, int(d.kv_capacity_tokens // ctx_per_seq)))
     decode = split.num_decode * n / (d.step(n, int(n * ctx_per_seq)) * max(mean_out - 1, 1))
-    return min(split.num_prefill * tokens_per_s / mean_in, decode)
+    prefilling = split.num_prefill + (split.num_decode if local_prefill != NO_LOCAL_PREFILL else 0)
+    return min(prefilling * tokens_per_s / mean_in, decode)
 
 
 def _mean_lens(workload: Workload) -> tuple[float, float]:
@@ -102,7 +106,7 @@ def _mean_lens(workload: Workload) -> tuple[float, float]:
 
 def capacity(split: Split, workload: Workload, slo: SLO, profiles: Profiles, num_requests: int,
              target_attainment: float = 0.9, iterations: int = 9, seed: int | None = None,
-             min_duration_s: float = MIN_DURATION_S) -> tuple[float, list[Row]]:
+             min_duration_s: float = MIN_DURATION_S, local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> tuple[float, list[Row]]:
     """Highest rate (req/s) at which >= ``target_attainment`` of requests meet ``slo``; 0 if even a trickle fails.
 
     Geometric bisection between a trickle (1/1000 of the bound) and
@@ -116,12 +120,12 @@ def capacity(split: Split, workload: Workload, slo: SLO, profiles: Profiles, num
 
     def passes(rate: float) -> bool:
         n = max(num_requests, math.ceil(rate * min_duration_s))
-        row = evaluate(split, workload, slo, profiles, rate, n, seed, max_misses=int((1 - target_attainment) * n))
+        row = evaluate(split, workload, slo, profiles, rate, n, seed, max_misses=int((1 - target_attainment) * n), local_prefill=local_prefill)
         rows.append(row)
         return row.summary.attainment >= target_attainment
 
     rows: list[Row] = []
-    hi = throughput_bound(split, workload, profiles)
+    hi = throughput_bound(split, workload, profiles, local_prefill)
     lo = hi / 1000
     if not passes(lo):
         return 0.0, rows
@@ -138,7 +142,8 @@ def capacity(split: Split, workload: Workload, slo: SLO, profiles: Profiles, num
 
 def search_best_split(num_units: int, workload: Workload, slo: SLO, profiles: Profiles, rates: list[float] | None = None,
                       *, splits: list[Split] | None = None, num_requests: int | None = None,
-                      target_attainment: float = 0.9, seed: int | None = None, progress=None) -> SearchResult:
+                      target_attainment: float = 0.9, seed: int | None = None, progress=None,
+                      local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> SearchResult:
     """Simulate every candidate split of ``num_units`` (or ``splits``); see the module docstring.
 
     ``progress`` (optional) is called with each split label as it finishes (for a progress bar).
@@ -156,10 +161,11 @@ def search_best_split(num_units: int, workload: Workload, slo: SLO, profiles: Pr
         if split.label in score:
             return
         if rates:
-            mine = [evaluate(split, workload, slo, profiles, r, num_requests, seed) for r in rates]
+            mine = [evaluate(split, workload, slo, profiles, r, num_requests, seed, local_prefill=local_prefill) for r in rates]
             score[split.label] = max(r.summary.goodput for r in mine)
         else:
-            score[split.label], mine = capacity(split, workload, slo, profiles, num_requests, target_attainment, seed=seed)
+            score[split.label], mine = capacity(split, workload, slo, profiles, num_requests, target_attainment, seed=seed,
+                                                local_prefill=local_prefill)
         rows.extend(mine)
         if progress is not None:
             progress(split.label)

@@ -23,6 +23,12 @@ every running decode (one token each) and then prompt chunks in the rest of the
 token budget, and lasts ``profiles.mixed_step`` -- so a long prompt admitted
 beside running decodes stretches their inter-token gap (the stall that
 disaggregation removes).
+
+Conditional disaggregation (``LocalPrefill``, off unless asked for; the CLI asks
+for what ``splitserve serve`` does by default): at arrival, a prompt short enough
+for the router's token threshold or time budget skips the prefill worker and the
+transfer and is prefilled by its decode worker, in the same engine loop as an
+aggregated worker's, beside the streams there.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from splitserve.tune.curves import Profiles
+from splitserve.tune.curves import PrefillProfile, Profiles
 from splitserve.tune.workload import SLO, RequestRecord, RequestSpec, percentile
 
 _ARRIVAL, _PREFILL_DONE, _KV_ARRIVED, _STEP_DONE = range(4)
@@ -73,6 +79,31 @@ class Split:
         if m := re.fullmatch(r"agg(\d+)", t):
             return cls(0, int(m[1]), "aggregated")
         raise ValueError(f"cannot parse split {text!r}; write e.g. '1P1D', '3P5D' or 'agg2'")
+
+
+@dataclass(frozen=True)
+class LocalPrefill:
+    """Which prompts the router prefills on their decode worker (``scheduler.policy`` rules 3 and 4, without a prefix
+    cache): at most ``threshold_tokens`` uncached tokens, or a prompt that, behind the prompts already queued on that
+    decode worker, would be prefilled there within ``budget_s``. A prompt token costs what the prefill curve gives a
+    step of the prompt's size per token (the router's figure is the same kind: step time over tokens, measured)."""
+
+    threshold_tokens: int = 0
+    budget_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.threshold_tokens < 0 or self.budget_s < 0:
+            raise ValueError(f"local prefill needs threshold_tokens >= 0 and budget_s >= 0, got {self}")
+
+    def is_local(self, num_tokens: int, queued_tokens: int, prefill: PrefillProfile) -> bool:
+        if num_tokens <= self.threshold_tokens:
+            return True
+        if self.budget_s <= 0 or num_tokens <= 0:
+            return False
+        return (queued_tokens + num_tokens) * prefill.latency(num_tokens) / num_tokens <= self.budget_s
+
+
+NO_LOCAL_PREFILL = LocalPrefill()
 
 
 def candidate_splits(num_units: int, aggregated: bool = True) -> list[Split]:
@@ -146,8 +177,9 @@ def _record(spec: RequestSpec, first_s: float, finish_s: float, gaps: list[float
 
 
 class _Sim:
-    def __init__(self, split: Split, profiles: Profiles, keep_gaps: bool, slo: SLO | None, max_misses: int | None) -> None:
-        self.split, self.prof, self.keep_gaps = split, profiles, keep_gaps
+    def __init__(self, split: Split, profiles: Profiles, keep_gaps: bool, slo: SLO | None, max_misses: int | None,
+                 local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> None:
+        self.split, self.prof, self.keep_gaps, self.local = split, profiles, keep_gaps, local_prefill
         self.slo, self.max_misses, self.num_misses = slo, max_misses, 0
         self.events: list[tuple[float, int, int, int, object]] = []
         self._seq = itertools.count()
@@ -162,7 +194,7 @@ class _Sim:
         self.d_waiting = [deque() for _ in range(n_d)]  # disaggregated: KV landed, not yet in the batch
         self.d_committed = [0] * n_d  # KV tokens promised: running + in flight + waiting
         self.d_busy = [False] * n_d
-        self.a_queue = [deque() for _ in range(n_d)]  # aggregated: prompts not fully prefilled
+        self.a_queue = [deque() for _ in range(n_d)]  # aggregated or local: prompts not fully prefilled here
         self.a_queued_tokens = [0] * n_d
         self.a_step: list[list[tuple[_Req, int]]] = [[] for _ in range(n_d)]
 
@@ -182,7 +214,7 @@ class _Sim:
             elif kind == _KV_ARRIVED:
                 self._kv_arrived(now, w, payload)
             else:
-                (self._agg_step_done if aggregated else self._decode_step_done)(now, w)
+                self._step_done(now, w)
         if self.stopped:  # the rest can no longer change the verdict: report them unfinished
             done = {r.index for r in self.records}
             self.records += [RequestRecord(s.index, s.arrival_s, s.prompt_len, s.output_len, error="not simulated: too many SLO misses")
@@ -213,6 +245,9 @@ class _Sim:
         d = min(range(len(self.d_batch)), key=lambda i: (-(cap - self.d_committed[i]), self.d_batch[i].num_seqs + len(self.d_waiting[i]), i))
         req.decode_id = d
         self.d_committed[d] += n + req.spec.output_len
+        if self.local.is_local(n, self.a_queued_tokens[d], self.prof.prefill):
+            self._queue_here(now, d, req)
+            return
         p = min(range(len(self.p_queue)), key=lambda i: (self.p_queued_tokens[i], len(self.p_queue[i]), i))
         self.p_queue[p].append(req)
         self.p_queued_tokens[p] += n
@@ -253,7 +288,7 @@ class _Sim:
             return
         self.d_waiting[d].append(req)
         if not self.d_busy[d]:
-            self._start_decode(now, d)
+            self._start_step(now, d)
 
     def _admit(self, d: int, queue: deque) -> None:
         batch, dec = self.d_batch[d], self.prof.decode
@@ -264,31 +299,22 @@ class _Sim:
                 break
             batch.admit(queue.popleft())
 
-    def _start_decode(self, now: float, d: int) -> None:
-        self._admit(d, self.d_waiting[d])
-        batch = self.d_batch[d]
-        if batch.num_seqs == 0:
-            self.d_busy[d] = False
-            return
-        self.d_busy[d] = True
-        self.push(now + self.prof.decode.step(batch.num_seqs, batch.ctx_tokens), _STEP_DONE, d)
-
-    def _decode_step_done(self, now: float, d: int) -> None:
-        batch = self.d_batch[d]
-        for req in batch.complete_step(now):
-            self.d_committed[d] -= req.spec.prompt_len + req.spec.output_len
-            self._finish(req, batch.record(req, self.keep_gaps))
-        self._start_decode(now, d)
-
-    # ---- aggregated ---------------------------------------------------------------
+    # ---- aggregated, and the engine loop of every decode or aggregated worker ------------
     def _arrive_aggregated(self, now: float, req: _Req) -> None:
         w = min(range(len(self.a_queue)), key=lambda i: (self.a_queued_tokens[i], self.d_batch[i].num_seqs + len(self.a_queue[i]), i))
+        self.d_committed[w] += req.spec.prompt_len + req.spec.output_len
+        self._queue_here(now, w, req)
+
+    def _queue_here(self, now: float, w: int, req: _Req) -> None:
+        """A prompt that worker ``w`` prefills itself (aggregated, or local on a decode worker)."""
         self.a_queue[w].append(req)
         self.a_queued_tokens[w] += req.spec.prompt_len
         if not self.d_busy[w]:
-            self._start_agg_step(now, w)
+            self._start_step(now, w)
 
-    def _start_agg_step(self, now: float, w: int) -> None:
+    def _start_step(self, now: float, w: int) -> None:
+        """The next step: the running streams (and those whose KV landed) decode, prompts queued here fill the budget."""
+        self._admit(w, self.d_waiting[w])
         batch, prof = self.d_batch[w], self.prof
         budget = prof.prefill.token_budget - batch.num_seqs
         room = prof.decode.max_num_seqs - batch.num_seqs
@@ -308,9 +334,10 @@ class _Sim:
         num_prefill_tokens = sum(t for _, t in chunks)
         self.push(now + prof.mixed_step(num_prefill_tokens, batch.num_seqs, batch.ctx_tokens), _STEP_DONE, w)
 
-    def _agg_step_done(self, now: float, w: int) -> None:
+    def _step_done(self, now: float, w: int) -> None:
         batch = self.d_batch[w]
         for req in batch.complete_step(now):
+            self.d_committed[w] -= req.spec.prompt_len + req.spec.output_len
             self._finish(req, batch.record(req, self.keep_gaps))
         for req, take in self.a_step[w]:
             req.remaining -= take
@@ -319,14 +346,15 @@ class _Sim:
                 self.a_queue[w].remove(req)
                 self._first_token(req, now)
                 if req.spec.output_len <= 1:
+                    self.d_committed[w] -= req.spec.prompt_len + req.spec.output_len
                     self._finish(req, _record(req.spec, now, now, [], self.keep_gaps))
                 else:
                     batch.admit(req)  # its step already counted it against the sequence cap
-        self._start_agg_step(now, w)
+        self._start_step(now, w)
 
 
 def simulate(split: Split, requests: list[RequestSpec], profiles: Profiles, keep_gaps: bool = False,
-             slo: SLO | None = None, max_misses: int | None = None) -> list[RequestRecord]:
+             slo: SLO | None = None, max_misses: int | None = None, local_prefill: LocalPrefill = NO_LOCAL_PREFILL) -> list[RequestRecord]:
     """One record per request (in ``requests`` order); ``keep_gaps`` also keeps every inter-token gap.
 
     With ``slo`` and ``max_misses`` the run stops as soon as more than ``max_misses``
@@ -337,4 +365,4 @@ def simulate(split: Split, requests: list[RequestSpec], profiles: Profiles, keep
         return []
     if max_misses is not None and slo is None:
         raise ValueError("max_misses needs an slo to count misses against")
-    return _Sim(split, profiles, keep_gaps, slo, max_misses).run(requests)
+    return _Sim(split, profiles, keep_gaps, slo, max_misses, local_prefill).run(requests)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from splitserve.tune.loadgen import run_load
 from splitserve.tune.planner import Row
-from splitserve.tune.simulator import Split
+from splitserve.tune.simulator import NO_LOCAL_PREFILL, LocalPrefill, Split
 from splitserve.tune.workload import SLO, RequestRecord, Workload, summarize
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class SweepConfig:
     request_timeout_s: float = 600.0
     seed: int = 0
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    local_prefill: LocalPrefill = NO_LOCAL_PREFILL  # the servers' routing.local_prefill_* (and what the simulator is told)
 
     @property
     def unit_cpus(self) -> float:
@@ -74,7 +75,9 @@ def serve_config(cfg: SweepConfig, split: Split):
                    "max_num_batched_tokens": cfg.max_num_batched_tokens, "num_threads": max(1, math.floor(cfg.unit_cpus))},
         "http": {"host": "127.0.0.1", "port": cfg.port, "served_model_name": SERVED_NAME},
         "prefill_resources": share, "decode_resources": share,
-        "routing": {"request_timeout_s": cfg.request_timeout_s, "prefill_timeout_s": cfg.request_timeout_s},
+        "routing": {"request_timeout_s": cfg.request_timeout_s, "prefill_timeout_s": cfg.request_timeout_s,
+                    "local_prefill_threshold_tokens": cfg.local_prefill.threshold_tokens,
+                    "local_prefill_budget_s": cfg.local_prefill.budget_s},
     })
 
 

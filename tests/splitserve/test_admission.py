@@ -16,11 +16,13 @@ pytestmark = pytest.mark.engine
 
 # the queue set below stays in the view; SLO-driven local prefill off, so the prefill worker's queue is what counts
 STALE_VIEW = {"load_report_interval_s": 30.0, "load_max_age_s": 120.0, "slo_local_prefill": False}
+# and the workers report no prompt cost until their next report (no warm-up), so the view does not drain that queue
+UNMEASURED = {"warm_up_prompt_tokens": 0}
 
 
 @pytest.fixture(scope="module")
 def workers(aio, tiny_model):
-    made = {"p": make_prefill(tiny_model, "prefill-0"), "d": make_decode(tiny_model, "decode-0")}
+    made = {"p": make_prefill(tiny_model, "prefill-0", **UNMEASURED), "d": make_decode(tiny_model, "decode-0", **UNMEASURED)}
     yield made
     aio.run(stop_workers(made.values()))
 

@@ -14,6 +14,7 @@ YAML = """
 kv_wait_timeout_s: 12.5
 reservation_ttl_s: 900
 transfer_timeout_s: 7
+warm_up_prompt_tokens: 0
 routing:
   prefill_timeout_s: 60
   prefix_report_max_blocks: 512
@@ -30,7 +31,7 @@ def test_yaml_settings_reach_the_worker_options(tmp_path):
     cfg = ServeConfig.from_yaml(path)
     opts = WorkerOptions(**worker_options(cfg))  # exactly what build_app binds to every worker deployment
     assert (opts.kv_wait_timeout_s, opts.reservation_ttl_s, opts.prefix_report_max_blocks) == (12.5, 900.0, 512)
-    assert (opts.transfer_timeout_s, opts.fail_fraction, opts.fault_seed) == (7.0, 0.25, 3)
+    assert (opts.transfer_timeout_s, opts.fail_fraction, opts.fault_seed, opts.warm_up_prompt_tokens) == (7.0, 0.25, 3, 0)
     assert (cfg.routing.migration_limit, cfg.routing.max_queue_wait_s, cfg.routing.degraded_mode) == (5, 15.0, False)
 
 
