@@ -31,7 +31,11 @@ def warm_up(engine: LLMEngine, num_prompt_tokens: int = 32, num_decode_steps: in
     if engine.has_unfinished_requests():
         raise RuntimeError("warm_up needs an idle engine")
     vocab = engine.model_config.vocab_size
-    num_prompt_tokens = max(1, min(num_prompt_tokens, engine.max_model_len - num_decode_steps - 2))
+    room = min(engine.max_model_len, engine.pool.num_blocks * engine.block_size) - num_decode_steps - 2  # a tiny pool too
+    num_prompt_tokens = min(num_prompt_tokens, room)
+    if num_prompt_tokens < 1:
+        logger.info("no warm-up: the KV pool or the context is too small for a throwaway request")
+        return
     params = SamplingParams(max_tokens=num_decode_steps + 1, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     for round_ in range(2):

@@ -12,8 +12,8 @@ from splitserve.engine.warm_up import warm_up
 pytestmark = pytest.mark.engine
 
 
-def _engine(tiny_model: str, **kwargs) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=tiny_model, device="cpu", dtype="float32", num_kv_blocks=64, **kwargs))
+def _engine(tiny_model: str, num_kv_blocks: int = 64, **kwargs) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=tiny_model, device="cpu", dtype="float32", num_kv_blocks=num_kv_blocks, **kwargs))
 
 
 def _greedy(engine: LLMEngine, prompt: list[int], n: int = 6) -> list[int]:
@@ -49,3 +49,12 @@ def test_warm_up_refuses_a_busy_engine(tiny_model):
     engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="idle"):
         warm_up(engine)
+
+
+def test_a_pool_too_small_for_the_warm_up_prompt_gets_a_shorter_one_or_none(tiny_model):
+    small = _engine(tiny_model, num_kv_blocks=2, block_size=16)  # room for 32 tokens in all
+    warm_up(small, num_prompt_tokens=64)
+    assert small.prompt_s_per_token > 0 and small.pool.num_free_blocks == 2
+    tiny = _engine(tiny_model, num_kv_blocks=1, block_size=2)  # no room for a prompt and its decode steps
+    warm_up(tiny)
+    assert tiny.prompt_s_per_token == 0.0 and not tiny.has_unfinished_requests()
