@@ -139,11 +139,11 @@ class ModelRunner:
             self.small_step_threads = off_main_thread_threads(self.num_threads)
 
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step; float32 logits (on CPU) for the sampling chunks, in ``sched.chunks`` order."""
+        """Run one step; float32 logits for the sampling chunks, in ``sched.chunks`` order, on the model's device (the
+        sampler brings back only token ids, and the rows that sample, not every row's whole vocabulary)."""
         input_ids, positions, meta, rows = self._metadata(sched)
         if self.device.type == "cpu":
             threads = self.small_step_threads if input_ids.shape[0] < SMALL_STEP_TOKENS else self.num_threads
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-        logits = self.model.forward(input_ids, positions, meta, self.kv_cache, rows)
-        return logits.cpu() if logits.device.type != "cpu" else logits
+        return self.model.forward(input_ids, positions, meta, self.kv_cache, rows)

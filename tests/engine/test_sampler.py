@@ -184,3 +184,25 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token():
     huge = Counter(draws(row, SamplingParams(top_k=2**63 - 1), n=2000, seed=3))
     off = Counter(draws(row, SamplingParams(top_k=-1), n=2000, seed=3))
     assert huge == off
+
+
+def test_argmax_rows_is_torch_argmax_exactly():
+    """The greedy path's numpy argmax (CPU float32) gives torch's answer: first of tied maxima, NaN as the maximum."""
+    from splitserve.engine.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(64, 4099, generator=g),
+        torch.randint(0, 3, (16, 1000), generator=g).float(),  # many ties
+        torch.full((2, 50), float("-inf")),
+        torch.randn(1, 49152, generator=g),
+        torch.randn(8, 300, generator=g)[::2, 7:],  # a strided view
+    ]
+    nan = torch.randn(3, 100, generator=g)
+    nan[1, 40] = nan[1, 70] = float("nan")
+    cases.append(nan)
+    with torch.inference_mode():
+        cases.append(torch.randn(5, 77, generator=g))  # what the engine's forward hands the sampler
+    cases.append(torch.randn(4, 33, generator=g).double())  # not float32: torch's own argmax
+    for logits in cases:
+        assert argmax_rows(logits) == logits.argmax(dim=-1).tolist()
