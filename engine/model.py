@@ -94,9 +94,9 @@ def float32_steps_are_faster(weight: torch.Tensor, rows: int = FP32_MIN_TOKENS *
 class Linear:
     """``y = x @ weight.T + bias`` through the fastest kernel for the input's dtype and rows.
 
-    One or two bf16 rows on the CPU (a decode step of one or two sequences) go through
-    ``kernels/cpu_gemv`` where it built on this machine: it streams the weight at ~1.5x
-    oneDNN's rate. Other low-precision rows use the oneDNN-prepacked weight when there
+    Up to three bf16 rows on the CPU (a decode step of up to three sequences) go through
+    ``kernels/cpu_gemv`` where it built on this machine: it streams the weight at
+    1.2-1.8x oneDNN's rate. Other low-precision rows use the oneDNN-prepacked weight when there
     is one (same kernel and result as ``F.linear``, without re-laying-out the weight on
     every call); float32 rows over low-precision weights upcast the weight for that call.
     """

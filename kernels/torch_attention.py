@@ -3,10 +3,11 @@
 Prefill chunks that start at position 0 attend over their own fresh K/V with a
 causal mask (no cache read). Chunks that continue after cached tokens (chunked
 prefill, prefix-cache hits) gather their keys from the cache and use a shifted
-causal mask. Decodes are batched: gather each sequence's blocks into a padded
-tensor and mask by context length; few or short decodes go through SDPA, many
-long ones through two batched GEMMs that treat a sequence's keys as one matrix
-(``_decode_by_gemm``).
+causal mask. Decodes on a CPU read the cache in place through the native kernels
+of ``cpu_decode_attention`` where they built; otherwise they are batched: gather
+each sequence's blocks into a padded tensor and mask by context length; few or
+short decodes go through SDPA, many long ones through two batched GEMMs that
+treat a sequence's keys as one matrix (``_decode_by_gemm``).
 
 Grouped-query heads are never expanded: prefill passes ``enable_gqa`` to SDPA,
 and a decode through SDPA folds each KV head's group of query heads into the
@@ -21,6 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels import cpu_decode_attention
 from splitserve.kernels.cache_ops import gather_kv, gather_kv_batched
 from splitserve.kernels.metadata import AttentionMetadata
 
@@ -98,6 +100,9 @@ def decode_attention(
 ) -> None:
     nd = meta.num_decode_tokens
     if nd == 0:
+        return
+    if q.device.type == "cpu" and cpu_decode_attention.serves(kv_cache):
+        out[:nd] = cpu_decode_attention.paged_decode_attention(q, kv_cache, layer, meta, scale)
         return
     max_len = meta.max_decode_context_len
     tables = meta.decode_block_tables[:, : -(-max_len // meta.block_size)]

@@ -27,6 +27,7 @@ from splitserve.kernels import (
     torch_attention,
     write_kv,
 )
+from splitserve.kernels import cpu_decode_attention
 from splitserve.kernels.torch_attention import GEMM_DECODE_MIN_CONTEXT_TOKENS, GEMM_DECODE_MIN_SEQS
 
 pytestmark = [pytest.mark.unit]
@@ -140,12 +141,23 @@ def dense_causal(step: Step, scale: float) -> torch.Tensor:
     return out
 
 
+@pytest.fixture(params=["native", "torch"])
+def decode_path(request, monkeypatch):
+    """CPU decodes through the native paged kernels (where they built) and through torch's gather-then-attend path."""
+    if request.param == "native":
+        if not cpu_decode_attention.serves(torch.zeros(kv_cache_shape(1, 1, 8, 1, 16))):
+            pytest.skip("native CPU kernels not built here")
+    else:
+        monkeypatch.setattr(cpu_decode_attention, "serves", lambda kv_cache: False)
+    return request.param
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"gqa{h[0] // h[1]}")
 @pytest.mark.parametrize("head_dim", [64, 16])
 @pytest.mark.parametrize("block_size", [16, 8])
-def test_torch_attention_matches_reference(scenario, dtype, heads, head_dim, block_size):
+def test_torch_attention_matches_reference(scenario, dtype, heads, head_dim, block_size, decode_path):
     num_heads, num_kv_heads = heads
     step = build_step(**SCENARIOS[scenario](block_size), num_heads=num_heads, num_kv_heads=num_kv_heads,
                       head_dim=head_dim, block_size=block_size, dtype=dtype)

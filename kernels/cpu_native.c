@@ -1,0 +1,207 @@
+/* Native CPU kernels for decode steps, built on first use by cpu_native.py (-march=native, OpenMP).
+ *
+ * 1. splitserve_gemv_bf16: y = x . w^T (+ bias) for a few rows of bf16 x (cpu_gemv.py).
+ *    A decode step of one sequence reads every weight once for one row of activations, so it is bound
+ *    by memory bandwidth; oneDNN's bf16 kernel reaches about 40% of it on the CPUs measured here (it is
+ *    tuned for GEMMs). This reads each weight row once, converts bf16 to float32 by a 16-bit shift
+ *    and accumulates in float32, 16 lanes at a time.
+ *    Numbers: each output is sum_k x[k] * w[k] in float32, lane l of 16 adding the elements k = l (mod 16)
+ *    in order, the 16 lane sums added in a fixed tree, then the bias, then one rounding to bf16 (nearest,
+ *    ties to even; NaN stays NaN). The order depends on nothing else (not the number of rows, threads
+ *    or the instruction set), so a row's result is the same in every call.
+ * 2. splitserve_decode_scores_* / splitserve_decode_values_*: decode attention read from the paged KV
+ *    cache in place (cpu_decode_attention.py): scores = scale * q . K over each sequence's blocks, and,
+ *    after the caller's softmax, out = probs . V; float32 arithmetic, bf16 or float32 caches.
+ *
+ * Parallel regions run on the OpenMP runtime torch already uses: the GOMP_* symbols are left for the
+ * process to provide. Written with GCC/Clang vector extensions: the compiler emits AVX-512, AVX2 or
+ * SSE for the machine it builds on.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+static inline f32x16 load_bf16x16(const uint16_t* p) {
+    u16x16 h;
+    memcpy(&h, p, sizeof h);
+    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+    f32x16 f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline f32x16 load_f32x16(const float* p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void store_f32x16(float* p, f32x16 v) { memcpy(p, &v, sizeof v); }
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN, as torch rounds it */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+
+/* lanes l and l + 8 first, then l and l + 4, then l and l + 2, then the last two */
+static inline float sum_lanes(f32x16 v) {
+    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    f32x2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+    return c[0] + c[1];
+}
+
+/* Output rows [r0, r1) of M rows of x; k16 = k rounded down to a multiple of 16 (the rest in scalar order). */
+#define ROWS_KERNEL(M)                                                                                       \
+    static void rows_##M(const uint16_t* w, const uint16_t* bias, const float* x, uint16_t* y, int64_t k,     \
+                         int64_t n, int64_t r0, int64_t r1) {                                                \
+        const int64_t k16 = k - k % 16;                                                                      \
+        for (int64_t r = r0; r < r1; r++) {                                                                  \
+            const uint16_t* wr = w + r * k;                                                                  \
+            f32x16 acc[M];                                                                                   \
+            for (int i = 0; i < M; i++) acc[i] = (f32x16){0};                                                \
+            for (int64_t j = 0; j < k16; j += 16) {                                                          \
+                f32x16 wv = load_bf16x16(wr + j);                                                            \
+                for (int i = 0; i < M; i++) acc[i] += wv * load_f32x16(x + i * k + j);                         \
+            }                                                                                                \
+            for (int i = 0; i < M; i++) {                                                                    \
+                float s = sum_lanes(acc[i]);                                                                 \
+                float tail = 0.f;                                                                            \
+                for (int64_t j = k16; j < k; j++) tail += bf16_to_f32(wr[j]) * x[i * k + j];                  \
+                s += tail;                                                                                   \
+                if (bias) s += bf16_to_f32(bias[r]);                                                         \
+                y[i * n + r] = f32_to_bf16(s);                                                               \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+ROWS_KERNEL(1)
+ROWS_KERNEL(2)
+ROWS_KERNEL(3)
+ROWS_KERNEL(4)
+
+/* y (m x n) = x (m x k) . w (n x k)^T + bias (n, or NULL); all bf16, row-major, contiguous. x is widened to
+ * float32 once; the output rows are split evenly over num_threads threads (one thread for small products),
+ * and each thread reads a weight row once per four rows of x. Returns 0, or -1 if memory ran out. */
+int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t* x, uint16_t* y, int64_t m,
+                         int64_t k, int64_t n, int num_threads) {
+    float* xf = malloc((size_t)(m * k) * sizeof(float));
+    if (!xf) return -1;
+    for (int64_t j = 0; j < m * k; j++) xf[j] = bf16_to_f32(x[j]);
+    if (num_threads < 1 || n * k < 65536) num_threads = 1;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1)
+    {
+        int64_t parts = 1, part = 0;
+#ifdef _OPENMP
+        parts = omp_get_num_threads();
+        part = omp_get_thread_num();
+#endif
+        int64_t r0 = n * part / parts, r1 = n * (part + 1) / parts;
+        for (int64_t i = 0; i < m; i += 4) {
+            const float* xi = xf + i * k;
+            uint16_t* yi = y + i * n;
+            switch (m - i < 4 ? m - i : 4) {
+                case 1: rows_1(w, bias, xi, yi, k, n, r0, r1); break;
+                case 2: rows_2(w, bias, xi, yi, k, n, r0, r1); break;
+                case 3: rows_3(w, bias, xi, yi, k, n, r0, r1); break;
+                default: rows_4(w, bias, xi, yi, k, n, r0, r1); break;
+            }
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* ---- decode attention over the paged cache ----------------------------------------------------------
+ * The cache is [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] (K then V of each layer);
+ * token t of sequence s is at offset t % block_size of block tables[s * max_blocks + t / block_size].
+ * head_dim is a multiple of 16 and at most 256 (the caller checks). Query head h reads KV head
+ * h / (num_heads / num_kv_heads). */
+#define MAX_HEAD_VECTORS 16
+#define SCORE_CHUNK 64
+
+
+#define DECODE_KERNELS(SUFFIX, T, LOAD)                                                                          \
+    /* scores[s, h, t] (row stride max_len) = scale * q[s, h] . K[s, t]; -inf for len[s] <= t < max_len.          \
+       One work item: a sequence's KV head over one block of tokens. */                                           \
+    void splitserve_decode_scores_##SUFFIX(const float* q, const T* cache, const int64_t* tables,               \
+                                           const int64_t* lens, float* scores, int64_t batch, int64_t heads,    \
+                                           int64_t kv_heads, int64_t head_dim, int64_t max_blocks,               \
+                                           int64_t max_len, int64_t layer, int64_t num_layers,                  \
+                                           int64_t block_size, float scale, int num_threads) {                  \
+        const int64_t group = heads / kv_heads, blocks = (max_len + block_size - 1) / block_size;              \
+        const int64_t items = batch * kv_heads * blocks, nv = head_dim / 16;                                   \
+        const int64_t token_stride = kv_heads * head_dim, kv_stride = block_size * token_stride;               \
+        _Pragma("omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && items > 1)") \
+        for (int64_t it = 0; it < items; it++) {                                                               \
+            const int64_t s = it / (kv_heads * blocks), g = it / blocks % kv_heads, b = it % blocks;            \
+            const int64_t n = lens[s], t0 = b * block_size;                                                     \
+            const int64_t t1 = t0 + block_size < max_len ? t0 + block_size : max_len;                           \
+            const int64_t live = n < t1 ? n : t1; /* tokens t0 <= t < live are in the sequence */              \
+            float* row = scores + (s * heads + g * group) * max_len;                                           \
+            for (int64_t j = 0; j < group; j++)                                                                \
+                for (int64_t t = live > t0 ? live : t0; t < t1; t++) row[j * max_len + t] = -INFINITY;         \
+            if (live <= t0) continue;                                                                          \
+            const T* k = cache + ((tables[s * max_blocks + b] * num_layers + layer) * 2) * kv_stride + g * head_dim; \
+            for (int64_t j = 0; j < group; j++) {                                                              \
+                const float* qh = q + (s * heads + g * group + j) * head_dim;                                  \
+                f32x16 qv[MAX_HEAD_VECTORS];                                                                   \
+                for (int64_t v = 0; v < nv; v++) qv[v] = load_f32x16(qh + 16 * v);                             \
+                for (int64_t t = t0; t < live; t++) {                                                          \
+                    const T* kt = k + (t - t0) * token_stride;                                                 \
+                    f32x16 acc = qv[0] * LOAD(kt);                                                             \
+                    for (int64_t v = 1; v < nv; v++) acc += qv[v] * LOAD(kt + 16 * v);                         \
+                    row[j * max_len + t] = scale * sum_lanes(acc);                                             \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    /* out[s, h] = sum over t < len[s] of probs[s, h, t] * V[s, t]; one work item: a sequence's query head */   \
+    void splitserve_decode_values_##SUFFIX(const float* probs, const T* cache, const int64_t* tables,           \
+                                           const int64_t* lens, float* out, int64_t batch, int64_t heads,       \
+                                           int64_t kv_heads, int64_t head_dim, int64_t max_blocks,               \
+                                           int64_t max_len, int64_t layer, int64_t num_layers,                  \
+                                           int64_t block_size, int num_threads) {                               \
+        const int64_t group = heads / kv_heads, items = batch * heads, nv = head_dim / 16;                     \
+        const int64_t token_stride = kv_heads * head_dim, kv_stride = block_size * token_stride;               \
+        _Pragma("omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && items > 1)") \
+        for (int64_t it = 0; it < items; it++) {                                                               \
+            const int64_t s = it / heads, h = it % heads, g = h / group, n = lens[s];                          \
+            const float* p = probs + it * max_len;                                                             \
+            f32x16 acc[MAX_HEAD_VECTORS];                                                                      \
+            for (int64_t v = 0; v < nv; v++) acc[v] = (f32x16){0};                                             \
+            for (int64_t t0 = 0; t0 < n; t0 += block_size) {                                                   \
+                const T* val = cache + ((tables[s * max_blocks + t0 / block_size] * num_layers + layer) * 2 + 1) * kv_stride \
+                               + g * head_dim;                                                                 \
+                const int64_t t1 = t0 + block_size < n ? t0 + block_size : n;                                  \
+                for (int64_t t = t0; t < t1; t++, val += token_stride) {                                       \
+                    const f32x16 pt = (f32x16){0} + p[t];                                                      \
+                    for (int64_t v = 0; v < nv; v++) acc[v] += pt * LOAD(val + 16 * v);                        \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int64_t v = 0; v < nv; v++) store_f32x16(out + it * head_dim + 16 * v, acc[v]);              \
+        }                                                                                                      \
+    }
+
+DECODE_KERNELS(bf16, uint16_t, load_bf16x16)
+DECODE_KERNELS(f32, float, load_f32x16)
