@@ -138,10 +138,61 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
  * head_dim is a multiple of 16 and at most 256 (the caller checks). Query head h reads KV head
  * h / (num_heads / num_kv_heads). */
 #define MAX_HEAD_VECTORS 16
+#define GROUP_TILE 4
 #define SCORE_CHUNK 64
 
 
+#define INLINE static inline __attribute__((always_inline))
+
+/* The loops below take head_dim / 16 (nv) and the number of query heads they serve (nj) as arguments;
+ * called with constants (head_dim 64 or 128, up to GROUP_TILE heads), each copy is unrolled with its
+ * sums in registers. */
+#define VALUES_CALL(FN, NJ)                                                                              \
+    if (nv == 4)                                                                                                 \
+        FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, 4);            \
+    else if (nv == 8)                                                                                            \
+        FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, 8);            \
+    else                                                                                                         \
+        FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, nv);
+
 #define DECODE_KERNELS(SUFFIX, T, LOAD)                                                                          \
+    /* scores of the group's query heads (qg, nj rows) for tokens t0 <= t < live of one block (k: its first) */  \
+    INLINE void scores_tokens_##SUFFIX(const float* qg, const T* k, float* row, int64_t t0, int64_t live,        \
+                                       int64_t token_stride, int64_t max_len, float scale, int64_t nj, int64_t nv) { \
+        for (int64_t t = t0; t < live; t++) {                                                                  \
+            const T* kt = k + (t - t0) * token_stride;                                                         \
+            f32x16 kv[MAX_HEAD_VECTORS]; /* the token's key, widened once for the group's query heads */      \
+            for (int64_t v = 0; v < nv; v++) kv[v] = LOAD(kt + 16 * v);                                        \
+            for (int64_t j = 0; j < nj; j++) {                                                                 \
+                const float* qh = qg + j * nv * 16;                                                            \
+                f32x16 acc = load_f32x16(qh) * kv[0];                                                          \
+                for (int64_t v = 1; v < nv; v++) acc += load_f32x16(qh + 16 * v) * kv[v];                      \
+                row[j * max_len + t] = scale * sum_lanes(acc);                                                 \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    /* o[j] = sum over t < n of p[j, t] * V[t] for nj query heads of one KV head (val0: its V in layer, block 0) */ \
+    INLINE void values_heads_##SUFFIX(const float* p, const T* cache, const int64_t* table, int64_t n,          \
+                                      int64_t block_offset, int64_t block_stride, int64_t block_size,          \
+                                      int64_t token_stride, int64_t max_len, float* o, int64_t nj, int64_t nv) { \
+        f32x16 acc[GROUP_TILE][MAX_HEAD_VECTORS];                                                              \
+        for (int64_t j = 0; j < nj; j++)                                                                       \
+            for (int64_t v = 0; v < nv; v++) acc[j][v] = (f32x16){0};                                          \
+        for (int64_t t0 = 0; t0 < n; t0 += block_size) {                                                       \
+            const T* val = cache + table[t0 / block_size] * block_stride + block_offset;                       \
+            const int64_t t1 = t0 + block_size < n ? t0 + block_size : n;                                      \
+            for (int64_t t = t0; t < t1; t++, val += token_stride) {                                           \
+                f32x16 vv[MAX_HEAD_VECTORS];                                                                   \
+                for (int64_t v = 0; v < nv; v++) vv[v] = LOAD(val + 16 * v);                                   \
+                for (int64_t j = 0; j < nj; j++) {                                                             \
+                    const f32x16 pt = (f32x16){0} + p[j * max_len + t];                                        \
+                    for (int64_t v = 0; v < nv; v++) acc[j][v] += pt * vv[v];                                  \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int64_t j = 0; j < nj; j++)                                                                       \
+            for (int64_t v = 0; v < nv; v++) store_f32x16(o + (j * nv + v) * 16, acc[j][v]);                   \
+    }                                                                                                          \
     /* scores[s, h, t] (row stride max_len) = scale * q[s, h] . K[s, t]; -inf for len[s] <= t < max_len.          \
        One work item: a sequence's KV head over one block of tokens. */                                           \
     void splitserve_decode_scores_##SUFFIX(const float* q, const T* cache, const int64_t* tables,               \
@@ -163,43 +214,42 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
                 for (int64_t t = live > t0 ? live : t0; t < t1; t++) row[j * max_len + t] = -INFINITY;         \
             if (live <= t0) continue;                                                                          \
             const T* k = cache + ((tables[s * max_blocks + b] * num_layers + layer) * 2) * kv_stride + g * head_dim; \
-            for (int64_t j = 0; j < group; j++) {                                                              \
-                const float* qh = q + (s * heads + g * group + j) * head_dim;                                  \
-                f32x16 qv[MAX_HEAD_VECTORS];                                                                   \
-                for (int64_t v = 0; v < nv; v++) qv[v] = load_f32x16(qh + 16 * v);                             \
-                for (int64_t t = t0; t < live; t++) {                                                          \
-                    const T* kt = k + (t - t0) * token_stride;                                                 \
-                    f32x16 acc = qv[0] * LOAD(kt);                                                             \
-                    for (int64_t v = 1; v < nv; v++) acc += qv[v] * LOAD(kt + 16 * v);                         \
-                    row[j * max_len + t] = scale * sum_lanes(acc);                                             \
-                }                                                                                              \
-            }                                                                                                  \
+            const float* qg = q + (s * heads + g * group) * head_dim;                                          \
+            if (nv == 4)                                                                                       \
+                scores_tokens_##SUFFIX(qg, k, row, t0, live, token_stride, max_len, scale, group, 4);          \
+            else if (nv == 8)                                                                                  \
+                scores_tokens_##SUFFIX(qg, k, row, t0, live, token_stride, max_len, scale, group, 8);          \
+            else                                                                                               \
+                scores_tokens_##SUFFIX(qg, k, row, t0, live, token_stride, max_len, scale, group, nv);         \
         }                                                                                                      \
     }                                                                                                          \
-    /* out[s, h] = sum over t < len[s] of probs[s, h, t] * V[s, t]; one work item: a sequence's query head */   \
+    /* out[s, h] = sum over t < len[s] of probs[s, h, t] * V[s, t]; one work item: a sequence's KV head and the   \
+       query heads that read it, GROUP_TILE at a time (each value widened once for all of them) */              \
     void splitserve_decode_values_##SUFFIX(const float* probs, const T* cache, const int64_t* tables,           \
                                            const int64_t* lens, float* out, int64_t batch, int64_t heads,       \
                                            int64_t kv_heads, int64_t head_dim, int64_t max_blocks,               \
                                            int64_t max_len, int64_t layer, int64_t num_layers,                  \
                                            int64_t block_size, int num_threads) {                               \
-        const int64_t group = heads / kv_heads, items = batch * heads, nv = head_dim / 16;                     \
+        const int64_t group = heads / kv_heads, items = batch * kv_heads, nv = head_dim / 16;                  \
         const int64_t token_stride = kv_heads * head_dim, kv_stride = block_size * token_stride;               \
+        const int64_t block_stride = num_layers * 2 * kv_stride;                                                \
         _Pragma("omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && items > 1)") \
         for (int64_t it = 0; it < items; it++) {                                                               \
-            const int64_t s = it / heads, h = it % heads, g = h / group, n = lens[s];                          \
-            const float* p = probs + it * max_len;                                                             \
-            f32x16 acc[MAX_HEAD_VECTORS];                                                                      \
-            for (int64_t v = 0; v < nv; v++) acc[v] = (f32x16){0};                                             \
-            for (int64_t t0 = 0; t0 < n; t0 += block_size) {                                                   \
-                const T* val = cache + ((tables[s * max_blocks + t0 / block_size] * num_layers + layer) * 2 + 1) * kv_stride \
-                               + g * head_dim;                                                                 \
-                const int64_t t1 = t0 + block_size < n ? t0 + block_size : n;                                  \
-                for (int64_t t = t0; t < t1; t++, val += token_stride) {                                       \
-                    const f32x16 pt = (f32x16){0} + p[t];                                                      \
-                    for (int64_t v = 0; v < nv; v++) acc[v] += pt * LOAD(val + 16 * v);                        \
+            const int64_t s = it / kv_heads, g = it % kv_heads;                                                \
+            const int64_t offset = (layer * 2 + 1) * kv_stride + g * head_dim;                                 \
+            for (int64_t j0 = 0; j0 < group; j0 += GROUP_TILE) {                                               \
+                const int64_t nj = group - j0 < GROUP_TILE ? group - j0 : GROUP_TILE, h = g * group + j0;      \
+                const float* p = probs + (s * heads + h) * max_len;                                            \
+                float* o = out + (s * heads + h) * head_dim;                                                   \
+                const int64_t* table = tables + s * max_blocks;                                                \
+                const int64_t len = lens[s];                                                                   \
+                switch (nj) {                                                                                  \
+                    case 1: VALUES_CALL(values_heads_##SUFFIX, 1) break;                                       \
+                    case 2: VALUES_CALL(values_heads_##SUFFIX, 2) break;                                       \
+                    case 3: VALUES_CALL(values_heads_##SUFFIX, 3) break;                                       \
+                    default: VALUES_CALL(values_heads_##SUFFIX, GROUP_TILE) break;                             \
                 }                                                                                              \
             }                                                                                                  \
-            for (int64_t v = 0; v < nv; v++) store_f32x16(out + it * head_dim + 16 * v, acc[v]);              \
         }                                                                                                      \
     }
 
