@@ -2,7 +2,9 @@
 
 ``select_attention(device, prefer_flash)`` returns ``fn(q, k, v, kv_cache, layer,
 meta, scale) -> out``: FlashAttention on CUDA when flash-attn is installed, the
-torch SDPA path otherwise. ``reference_attention`` is the slow oracle for tests.
+torch SDPA path otherwise (whose decodes on a CPU read the paged cache in place
+through ``cpu_decode_attention``'s native kernels where they built).
+``reference_attention`` is the slow oracle for tests.
 """
 
 from __future__ import annotations
