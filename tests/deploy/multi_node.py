@@ -115,6 +115,14 @@ def wait_until(what: str, predicate, timeout_s: float, poll_s: float = 0.5):
     raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def _ray_default_temp_dir() -> str:
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+    except ImportError:  # Ray before 2.47
+        from ray._private.utils import get_ray_temp_dir as get_default_ray_temp_dir
+    return get_default_ray_temp_dir()
+
+
 def run(model: str, workdir: Path, step_rate: float, trickle_rate: float) -> dict[str, Any]:
     import ray
     from ray import serve
@@ -132,6 +140,9 @@ def run(model: str, workdir: Path, step_rate: float, trickle_rate: float) -> dic
 
     profile_path = workdir / "profile.json"
     profile_path.write_text(json.dumps(PROFILE.to_dict()))
+    # Cluster writes the head's address to ray_current_cluster in Ray's default temp dir without creating the
+    # directory, which does not exist yet on a machine where Ray never ran (a fresh CI machine)
+    os.makedirs(_ray_default_temp_dir(), exist_ok=True)
     node = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 100 * 1024 * 1024}
     cluster = Cluster(initialize_head=True, head_node_args={
         **node, "num_cpus": 2, "resources": {"head_node": 1}, "temp_dir": tempfile.mkdtemp(prefix="ssmn-"),
