@@ -27,6 +27,7 @@ code path for a tensor's tail, so its result depended on the tensor's size).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import torch
@@ -94,26 +95,28 @@ def float32_steps_are_faster(weight: torch.Tensor, rows: int = FP32_MIN_TOKENS *
 class Linear:
     """``y = x @ weight.T + bias`` through the fastest kernel for the input's dtype and rows.
 
-    Up to three bf16 rows on the CPU (a decode step of up to three sequences) go through
-    ``kernels/cpu_gemv`` where it built on this machine: it streams the weight at
-    1.2-1.8x oneDNN's rate. Other low-precision rows use the oneDNN-prepacked weight when there
-    is one (same kernel and result as ``F.linear``, without re-laying-out the weight on
+    bf16 rows on the CPU go through ``kernels/cpu_gemv`` where it built on this machine: up to
+    three (a decode step of up to three sequences) beside oneDNN's bf16 kernel, which it
+    outruns 1.2-1.8x there; any number where oneDNN has no bf16 kernel (CPUs without AVX-512),
+    as torch's own bf16 GEMM is 1.1-3.5x slower. Other low-precision rows use the oneDNN-prepacked
+    weight (same kernel and result as ``F.linear``, without re-laying-out the weight on
     every call); float32 rows over low-precision weights upcast the weight for that call.
     """
 
-    __slots__ = ("weight", "bias", "packed", "gemv")
+    __slots__ = ("weight", "bias", "packed", "gemv_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight
         self.bias = bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if _can_prepack(weight) else None
-        self.gemv = cpu_gemv.can_use(weight, bias)
+        # the most rows the native kernel takes (0: none)
+        self.gemv_rows = 0 if not cpu_gemv.can_use(weight, bias) else cpu_gemv.GEMV_MAX_ROWS if self.packed is not None else sys.maxsize
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
-        if self.gemv and x.shape[0] <= cpu_gemv.GEMV_MAX_ROWS and x.shape[0] > 0:
+        if 0 < x.shape[0] <= self.gemv_rows:
             return cpu_gemv.gemv_bf16(x, self.weight, self.bias)
         if self.packed is not None and x.shape[0] > 0:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

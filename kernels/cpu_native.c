@@ -25,25 +25,83 @@
 #include <omp.h>
 #endif
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+#define INLINE static inline __attribute__((always_inline))
 
-static inline f32x16 load_bf16x16(const uint16_t* p) {
-    u16x16 h;
-    memcpy(&h, p, sizeof h);
-    u32x16 u = __builtin_convertvector(h, u32x16) << 16;
-    f32x16 f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+/* f32x16: 16 float32 lanes, held as the machine's own vectors (one AVX-512 register, two AVX ones, four
+ * SSE ones). GCC lowers a 64-byte vector type on a machine without AVX-512 through the stack (AVX2 GEMV
+ * 3x slower than torch's), so the kernels go through the helpers below instead of vector operators.
+ * Every operation is lane by lane, and sum_lanes adds the lanes in one fixed tree whatever the width. */
+#if defined(__AVX512F__)
+#define NATIVE_LANES 16
+#elif defined(__AVX__)
+#define NATIVE_LANES 8
+#else
+#define NATIVE_LANES 4
+#endif
+#define PIECES (16 / NATIVE_LANES)
+typedef float vf __attribute__((vector_size(4 * NATIVE_LANES)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * NATIVE_LANES)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * NATIVE_LANES)));
+/* the same vectors at any address (unaligned loads and stores) */
+typedef float vf_any __attribute__((vector_size(4 * NATIVE_LANES), aligned(4), may_alias));
+typedef uint16_t vu16_any __attribute__((vector_size(2 * NATIVE_LANES), aligned(2), may_alias));
+typedef struct {
+    vf p[PIECES]; /* lanes NATIVE_LANES * i ... of the 16 in p[i] */
+} f32x16;
+
+INLINE f32x16 v_zero(void) {
+    f32x16 r;
+    for (int i = 0; i < PIECES; i++) r.p[i] = (vf){0};
+    return r;
+}
+INLINE f32x16 v_splat(float s) {
+    f32x16 r;
+    for (int i = 0; i < PIECES; i++) r.p[i] = (vf){0} + s;
+    return r;
+}
+INLINE f32x16 v_mul(f32x16 a, f32x16 b) {
+    for (int i = 0; i < PIECES; i++) a.p[i] *= b.p[i];
+    return a;
+}
+/* acc + a * b, lane by lane (contracted to a fused multiply-add where the machine has one) */
+INLINE f32x16 v_fma(f32x16 acc, f32x16 a, f32x16 b) {
+    for (int i = 0; i < PIECES; i++) acc.p[i] += a.p[i] * b.p[i];
+    return acc;
+}
+INLINE f32x16 load_bf16x16(const uint16_t* p) {
+    f32x16 r;
+    for (int i = 0; i < PIECES; i++)
+        r.p[i] = (vf)(__builtin_convertvector(*(const vu16_any*)(p + i * NATIVE_LANES), vu32) << 16);
+    return r;
+}
+INLINE f32x16 load_f32x16(const float* p) {
+    f32x16 r;
+    for (int i = 0; i < PIECES; i++) r.p[i] = *(const vf_any*)(p + i * NATIVE_LANES);
+    return r;
+}
+INLINE void store_f32x16(float* p, f32x16 v) {
+    for (int i = 0; i < PIECES; i++) *(vf_any*)(p + i * NATIVE_LANES) = v.p[i];
 }
 
-static inline f32x16 load_f32x16(const float* p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+
+/* lanes l and l + 8 first, then l and l + 4, then l and l + 2, then the last two */
+INLINE float sum_lanes(f32x16 v) {
+#if NATIVE_LANES == 16
+    f32x8 a = __builtin_shufflevector(v.p[0], v.p[0], 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v.p[0], v.p[0], 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+#elif NATIVE_LANES == 8
+    f32x8 a = v.p[0] + v.p[1];
+    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+#else
+    f32x4 b = (v.p[0] + v.p[2]) + (v.p[1] + v.p[3]);
+#endif
+    f32x2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+    return c[0] + c[1];
 }
-static inline void store_f32x16(float* p, f32x16 v) { memcpy(p, &v, sizeof v); }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -60,18 +118,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x2 __attribute__((vector_size(8)));
-
-/* lanes l and l + 8 first, then l and l + 4, then l and l + 2, then the last two */
-static inline float sum_lanes(f32x16 v) {
-    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    f32x2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
-    return c[0] + c[1];
-}
-
 /* Output rows [r0, r1) of M rows of x; k16 = k rounded down to a multiple of 16 (the rest in scalar order). */
 #define ROWS_KERNEL(M)                                                                                       \
     static void rows_##M(const uint16_t* w, const uint16_t* bias, const float* x, uint16_t* y, int64_t k,     \
@@ -80,10 +126,10 @@ static inline float sum_lanes(f32x16 v) {
         for (int64_t r = r0; r < r1; r++) {                                                                  \
             const uint16_t* wr = w + r * k;                                                                  \
             f32x16 acc[M];                                                                                   \
-            for (int i = 0; i < M; i++) acc[i] = (f32x16){0};                                                \
+            for (int i = 0; i < M; i++) acc[i] = v_zero();                                                                                                   \
             for (int64_t j = 0; j < k16; j += 16) {                                                          \
                 f32x16 wv = load_bf16x16(wr + j);                                                            \
-                for (int i = 0; i < M; i++) acc[i] += wv * load_f32x16(x + i * k + j);                         \
+                for (int i = 0; i < M; i++) acc[i] = v_fma(acc[i], wv, load_f32x16(x + i * k + j));                         \
             }                                                                                                \
             for (int i = 0; i < M; i++) {                                                                    \
                 float s = sum_lanes(acc[i]);                                                                 \
@@ -102,13 +148,16 @@ ROWS_KERNEL(4)
 
 /* y (m x n) = x (m x k) . w (n x k)^T + bias (n, or NULL); all bf16, row-major, contiguous. x is widened to
  * float32 once; the output rows are split evenly over num_threads threads (one thread for small products),
- * and each thread reads a weight row once per four rows of x. Returns 0, or -1 if memory ran out. */
+ * and each thread reads a weight row from memory once: for more than four rows of x it goes over its rows in
+ * chunks of ~128 KiB, each chunk once per four rows of x. Returns 0, or -1 if memory ran out. */
 int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t* x, uint16_t* y, int64_t m,
                          int64_t k, int64_t n, int num_threads) {
     float* xf = malloc((size_t)(m * k) * sizeof(float));
     if (!xf) return -1;
     for (int64_t j = 0; j < m * k; j++) xf[j] = bf16_to_f32(x[j]);
     if (num_threads < 1 || n * k < 65536) num_threads = 1;
+    /* weight rows per pass over the row groups of x: ~128 KiB, so that the second and later groups read them from cache */
+    const int64_t chunk = m <= 4 ? n : (65536 + k - 1) / k;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1)
     {
         int64_t parts = 1, part = 0;
@@ -116,15 +165,18 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
         parts = omp_get_num_threads();
         part = omp_get_thread_num();
 #endif
-        int64_t r0 = n * part / parts, r1 = n * (part + 1) / parts;
-        for (int64_t i = 0; i < m; i += 4) {
-            const float* xi = xf + i * k;
-            uint16_t* yi = y + i * n;
-            switch (m - i < 4 ? m - i : 4) {
-                case 1: rows_1(w, bias, xi, yi, k, n, r0, r1); break;
-                case 2: rows_2(w, bias, xi, yi, k, n, r0, r1); break;
-                case 3: rows_3(w, bias, xi, yi, k, n, r0, r1); break;
-                default: rows_4(w, bias, xi, yi, k, n, r0, r1); break;
+        const int64_t r0 = n * part / parts, r1 = n * (part + 1) / parts;
+        for (int64_t c0 = r0; c0 < r1; c0 += chunk) {
+            const int64_t c1 = c0 + chunk < r1 ? c0 + chunk : r1;
+            for (int64_t i = 0; i < m; i += 4) {
+                const float* xi = xf + i * k;
+                uint16_t* yi = y + i * n;
+                switch (m - i < 4 ? m - i : 4) {
+                    case 1: rows_1(w, bias, xi, yi, k, n, c0, c1); break;
+                    case 2: rows_2(w, bias, xi, yi, k, n, c0, c1); break;
+                    case 3: rows_3(w, bias, xi, yi, k, n, c0, c1); break;
+                    default: rows_4(w, bias, xi, yi, k, n, c0, c1); break;
+                }
             }
         }
     }
@@ -141,8 +193,6 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
 #define GROUP_TILE 4
 #define SCORE_CHUNK 64
 
-
-#define INLINE static inline __attribute__((always_inline))
 
 /* The loops below take head_dim / 16 (nv) and the number of query heads they serve (nj) as arguments;
  * called with constants (head_dim 64 or 128, up to GROUP_TILE heads), each copy is unrolled with its
@@ -165,8 +215,8 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
             for (int64_t v = 0; v < nv; v++) kv[v] = LOAD(kt + 16 * v);                                        \
             for (int64_t j = 0; j < nj; j++) {                                                                 \
                 const float* qh = qg + j * nv * 16;                                                            \
-                f32x16 acc = load_f32x16(qh) * kv[0];                                                          \
-                for (int64_t v = 1; v < nv; v++) acc += load_f32x16(qh + 16 * v) * kv[v];                      \
+                f32x16 acc = v_mul(load_f32x16(qh), kv[0]);                                                          \
+                for (int64_t v = 1; v < nv; v++) acc = v_fma(acc, load_f32x16(qh + 16 * v), kv[v]);                      \
                 row[j * max_len + t] = scale * sum_lanes(acc);                                                 \
             }                                                                                                  \
         }                                                                                                      \
@@ -177,7 +227,7 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
                                       int64_t token_stride, int64_t max_len, float* o, int64_t nj, int64_t nv) { \
         f32x16 acc[GROUP_TILE][MAX_HEAD_VECTORS];                                                              \
         for (int64_t j = 0; j < nj; j++)                                                                       \
-            for (int64_t v = 0; v < nv; v++) acc[j][v] = (f32x16){0};                                          \
+            for (int64_t v = 0; v < nv; v++) acc[j][v] = v_zero();                                          \
         for (int64_t t0 = 0; t0 < n; t0 += block_size) {                                                       \
             const T* val = cache + table[t0 / block_size] * block_stride + block_offset;                       \
             const int64_t t1 = t0 + block_size < n ? t0 + block_size : n;                                      \
@@ -185,8 +235,8 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
                 f32x16 vv[MAX_HEAD_VECTORS];                                                                   \
                 for (int64_t v = 0; v < nv; v++) vv[v] = LOAD(val + 16 * v);                                   \
                 for (int64_t j = 0; j < nj; j++) {                                                             \
-                    const f32x16 pt = (f32x16){0} + p[j * max_len + t];                                        \
-                    for (int64_t v = 0; v < nv; v++) acc[j][v] += pt * vv[v];                                  \
+                    const f32x16 pt = v_splat(p[j * max_len + t]);                                        \
+                    for (int64_t v = 0; v < nv; v++) acc[j][v] = v_fma(acc[j][v], pt, vv[v]);                                  \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \

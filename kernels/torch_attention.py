@@ -55,6 +55,13 @@ GEMM_DECODE_MIN_SEQS = 8
 GEMM_DECODE_MIN_CONTEXT_TOKENS = 8192
 
 
+@functools.cache
+def gemm_decode_pays(dtype: torch.dtype) -> bool:
+    """Whether the GEMM path can win for ``dtype``: not for bf16 where oneDNN has no bf16 kernel (CPUs without AVX-512),
+    as torch's fallback bf16 GEMM made it 10x slower than SDPA there (8 sequences of 1,024 tokens, SmolLM2's heads)."""
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 @functools.lru_cache(maxsize=16)
 def _head_slots(num_heads: int, num_kv_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[H, KVH, 1]: 1 where query head h reads KV head h // group, else 0 (built once per shape, read-only)."""
@@ -107,7 +114,7 @@ def decode_attention(
     max_len = meta.max_decode_context_len
     tables = meta.decode_block_tables[:, : -(-max_len // meta.block_size)]
     k, v = gather_kv_batched(kv_cache, layer, tables)  # [B, L, KVH, D], L padded to whole blocks
-    if q.device.type == "cpu" and nd >= GEMM_DECODE_MIN_SEQS and nd * k.shape[1] >= GEMM_DECODE_MIN_CONTEXT_TOKENS:
+    if q.device.type == "cpu" and nd >= GEMM_DECODE_MIN_SEQS and nd * k.shape[1] >= GEMM_DECODE_MIN_CONTEXT_TOKENS and gemm_decode_pays(q.dtype):
         out[:nd] = _decode_by_gemm(q[:nd], k, v, meta.decode_context_lens, scale)
         return
     if nd == 1:  # one sequence: cut at its length, no mask needed

@@ -9,6 +9,7 @@ in turn checked against dense causal attention on the raw K/V tensors.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from splitserve.kernels import (
 )
 from splitserve.kernels import cpu_decode_attention
 from splitserve.kernels.torch_attention import GEMM_DECODE_MIN_CONTEXT_TOKENS, GEMM_DECODE_MIN_SEQS
+
+torch_attention_module = importlib.import_module("splitserve.kernels.torch_attention")  # the package exports the function
 
 pytestmark = [pytest.mark.unit]
 
@@ -143,12 +146,14 @@ def dense_causal(step: Step, scale: float) -> torch.Tensor:
 
 @pytest.fixture(params=["native", "torch"])
 def decode_path(request, monkeypatch):
-    """CPU decodes through the native paged kernels (where they built) and through torch's gather-then-attend path."""
+    """CPU decodes through the native paged kernels (where they built) and through torch's gather-then-attend path
+    (its GEMM variant for the scenarios with enough decodes, whichever dtypes it is chosen for on this CPU)."""
     if request.param == "native":
         if not cpu_decode_attention.serves(torch.zeros(kv_cache_shape(1, 1, 8, 1, 16))):
             pytest.skip("native CPU kernels not built here")
     else:
         monkeypatch.setattr(cpu_decode_attention, "serves", lambda kv_cache: False)
+        monkeypatch.setattr(torch_attention_module, "gemm_decode_pays", lambda dtype: True)
     return request.param
 
 

@@ -1,5 +1,6 @@
 """The CPU decode GEMV kernel (kernels/cpu_gemv): right against a float32 reference, the same row whatever the
-call, taken by ``Linear`` for up to ``GEMV_MAX_ROWS`` rows only, and refused when it is wrong. Building and the fallbacks
+call, taken by ``Linear`` for up to ``GEMV_MAX_ROWS`` rows beside oneDNN's bf16 kernel (for all without it), and
+refused when it is wrong. Building and the fallbacks
 when it cannot be built: test_cpu_native.py."""
 
 from __future__ import annotations
@@ -75,25 +76,40 @@ def test_nan_and_inf_propagate():
 
 
 @needs_compiler
-@pytest.mark.parametrize("x", [torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(1, 16), torch.zeros(0, 16, dtype=torch.bfloat16)])
+@pytest.mark.parametrize("x", [torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(1, 16), torch.zeros(0, 16, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.bfloat16)])
 def test_shapes_the_c_code_would_misread_are_refused(x):
     with pytest.raises(ValueError):
         cpu_gemv.gemv_bf16(x, torch.zeros(4, 16, dtype=torch.bfloat16))
 
 
 @needs_compiler
-def test_linear_takes_it_for_few_rows_only():
+def test_linear_takes_it_for_few_rows_beside_onednn_and_for_every_row_count_without():
     gen = torch.Generator().manual_seed(3)
     w, b = _bf16(300, 128, gen=gen), _bf16(300, gen=gen)
     lin = Linear(w, b)
-    assert lin.gemv
     for rows in range(1, cpu_gemv.GEMV_MAX_ROWS + 1):
         x = _bf16(rows, 128, gen=gen)
         assert torch.equal(lin(x), cpu_gemv.gemv_bf16(x, w, b))
-    x = _bf16(cpu_gemv.GEMV_MAX_ROWS + 1, 128, gen=gen)
-    if lin.packed is not None:
-        assert torch.equal(lin(x), torch.ops.mkldnn._linear_pointwise(x, lin.packed, b, "none", [], ""))
-    assert not Linear(w.float()).gemv and not Linear(w.t()).gemv  # float32 weights, a transposed view
+    x = _bf16(40, 128, gen=gen)
+    if lin.packed is not None:  # oneDNN has a bf16 kernel here: it takes four rows and more
+        assert lin.gemv_rows == cpu_gemv.GEMV_MAX_ROWS
+        assert torch.equal(lin(x[:4]), torch.ops.mkldnn._linear_pointwise(x[:4], lin.packed, b, "none", [], ""))
+    else:
+        assert torch.equal(lin(x), cpu_gemv.gemv_bf16(x, w, b))
+    assert not Linear(w.float()).gemv_rows and not Linear(w.t()).gemv_rows  # float32 weights, a transposed view
+
+
+@needs_compiler
+def test_many_rows_match_the_reference_and_each_row_alone():
+    """More than four rows take chunks of weight rows once per group of four rows of x: every row's result is still
+    the one it gets alone (same summation order), and within bf16 rounding of a float64 reference."""
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = _bf16(13, 200, gen=gen), _bf16(1000, 200, gen=gen), _bf16(1000, gen=gen)
+    got = cpu_gemv.gemv_bf16(x, w, b)
+    ref = x.double() @ w.double().T + b.double()
+    assert float(((got.double() - ref).abs() / (ref.abs() + 1)).max()) < 2.0**-7
+    for i in (0, 5, 12):
+        assert torch.equal(got[i], cpu_gemv.gemv_bf16(x[i : i + 1], w, b)[0])
 
 
 def test_the_check_rejects_a_wrong_kernel():

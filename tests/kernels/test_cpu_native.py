@@ -26,7 +26,7 @@ def fresh_kernels():
 
 def _nothing_native() -> None:
     assert cpu_native.library() is None
-    assert not Linear(torch.zeros(8, 16, dtype=torch.bfloat16)).gemv
+    assert not Linear(torch.zeros(8, 16, dtype=torch.bfloat16)).gemv_rows
     assert not cpu_decode_attention.serves(torch.zeros(kv_cache_shape(4, 2, 16, 2, 16), dtype=torch.bfloat16))
 
 
