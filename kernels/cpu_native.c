@@ -29,7 +29,7 @@
 
 /* f32x16: 16 float32 lanes, held as the machine's own vectors (one AVX-512 register, two AVX ones, four
  * SSE ones). GCC lowers a 64-byte vector type on a machine without AVX-512 through the stack (AVX2 GEMV
- * 3x slower than torch's), so the kernels go through the helpers below instead of vector operators.
+ * 2.6x slower than torch's bf16 path), so the kernels go through the helpers below instead of vector operators.
  * Every operation is lane by lane, and sum_lanes adds the lanes in one fixed tree whatever the width. */
 #if defined(__AVX512F__)
 #define NATIVE_LANES 16
