@@ -5,7 +5,9 @@ the reduction differently, for a different number of rows M (MKL's float32 SGEMM
 does: a row of an M=1 call differs from the same row in an M=2 call, and rows move
 between code paths as M grows). oneDNN's prepacked kernels keep the reduction order
 fixed for every M >= 2 on the CPUs measured (with and without avx512_bf16), so a
-single row is padded to two. Nothing of that is taken on trust: ``invariant_linear``
+single row is padded to two. Where oneDNN has no bf16 kernel (CPUs without AVX-512),
+bf16 weights go through the native CPU GEMV (``cpu_gemv``), whose summation order is
+fixed by construction. Nothing of that is taken on trust: ``invariant_linear``
 probes the chosen kernel once per weight shape at start-up (M = 1, 2, 3, 5, 17,
 64, 130, rows shifted by one) and falls back to one call per row (always invariant,
 slow) where the probe fails; if even that fails, deterministic mode is refused.
@@ -19,6 +21,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from splitserve.kernels import cpu_gemv
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,17 @@ def _packed(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
         if x.shape[0] == 1:
             return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1).contiguous(), packed, bias, "none", [], "")[:1]
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return fn
+
+
+def _native(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
+    """The native CPU GEMV for every row count; None where it does not serve this weight."""
+    if not cpu_gemv.can_use(weight, bias):
+        return None
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return cpu_gemv.gemv_bf16(x, weight, bias) if x.shape[0] else F.linear(x, weight, bias)
 
     return fn
 
@@ -66,13 +81,16 @@ def is_row_invariant(fn: LinearFn, in_features: int, dtype: torch.dtype, device:
 
 @functools.lru_cache(maxsize=None)
 def _choice(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device, has_bias: bool) -> str:
-    """'packed' or 'rows' for this shape on this machine (probed once with random weights)."""
+    """'packed', 'native' or 'rows' for this shape on this machine (probed once with random weights)."""
     g = torch.Generator().manual_seed(1)
     weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(device=device, dtype=dtype)
     bias = torch.randn(out_features, generator=g).to(device=device, dtype=dtype) if has_bias else None
     packed = _packed(weight, bias)
     if packed is not None and is_row_invariant(packed, in_features, dtype, device):
         return "packed"
+    native = _native(weight, bias)
+    if native is not None and is_row_invariant(native, in_features, dtype, device):
+        return "native"
     if is_row_invariant(_row_by_row(weight, bias), in_features, dtype, device):
         logger.warning("deterministic mode: no batch-invariant GEMM for %dx%d %s on %s; computing it one row at a time (slow)",
                        out_features, in_features, dtype, device)
@@ -86,8 +104,6 @@ def _choice(out_features: int, in_features: int, dtype: torch.dtype, device: tor
 def invariant_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> LinearFn:
     """``x @ weight.T + bias`` whose rows do not depend on the batch, verified for this shape on this machine."""
     choice = _choice(weight.shape[0], weight.shape[1], weight.dtype, weight.device, bias is not None)
-    if choice == "packed":
-        fn = _packed(weight, bias)
-        assert fn is not None
-        return fn
-    return _row_by_row(weight, bias)
+    fn = _packed(weight, bias) if choice == "packed" else _native(weight, bias) if choice == "native" else _row_by_row(weight, bias)
+    assert fn is not None
+    return fn

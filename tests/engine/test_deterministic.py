@@ -94,3 +94,14 @@ def test_invariant_linear_probe_accepts_this_machine():
     for dtype in (torch.float32, torch.bfloat16):
         weight = torch.randn(96, 1536).to(dtype)
         assert is_row_invariant(invariant_linear(weight), 1536, dtype, torch.device("cpu"))
+
+
+def test_bf16_never_falls_back_to_one_row_at_a_time_where_a_fast_kernel_serves():
+    """oneDNN's prepacked bf16 kernel, or where it has none (CPUs without AVX-512) the native GEMV, is the choice;
+    the row-by-row fallback would make a deterministic decode step of 32 sequences 32 GEMV passes."""
+    from splitserve.kernels import cpu_gemv
+    from splitserve.kernels.invariant_linear import _choice
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported() and not cpu_gemv.can_use(torch.zeros(8, 16, dtype=torch.bfloat16), None):
+        pytest.skip("neither oneDNN's bf16 kernel nor the native GEMV serves on this machine")
+    assert _choice(200, 576, torch.bfloat16, torch.device("cpu"), True) in ("packed", "native")
