@@ -120,21 +120,21 @@ static inline uint16_t f32_to_bf16(float f) {
 
 /* Output rows [r0, r1) of M rows of x; k16 = k rounded down to a multiple of 16 (the rest in scalar order). */
 #define ROWS_KERNEL(M)                                                                                       \
-    static void rows_##M(const uint16_t* w, const uint16_t* bias, const float* x, uint16_t* y, int64_t k,     \
+    static void rows_##M(const uint16_t* w, const uint16_t* bias, const float* x, uint16_t* y, int64_t k,    \
                          int64_t n, int64_t r0, int64_t r1) {                                                \
         const int64_t k16 = k - k % 16;                                                                      \
         for (int64_t r = r0; r < r1; r++) {                                                                  \
             const uint16_t* wr = w + r * k;                                                                  \
             f32x16 acc[M];                                                                                   \
-            for (int i = 0; i < M; i++) acc[i] = v_zero();                                                                                                   \
+            for (int i = 0; i < M; i++) acc[i] = v_zero();                                                   \
             for (int64_t j = 0; j < k16; j += 16) {                                                          \
                 f32x16 wv = load_bf16x16(wr + j);                                                            \
-                for (int i = 0; i < M; i++) acc[i] = v_fma(acc[i], wv, load_f32x16(x + i * k + j));                         \
+                for (int i = 0; i < M; i++) acc[i] = v_fma(acc[i], wv, load_f32x16(x + i * k + j));          \
             }                                                                                                \
             for (int i = 0; i < M; i++) {                                                                    \
                 float s = sum_lanes(acc[i]);                                                                 \
                 float tail = 0.f;                                                                            \
-                for (int64_t j = k16; j < k; j++) tail += bf16_to_f32(wr[j]) * x[i * k + j];                  \
+                for (int64_t j = k16; j < k; j++) tail += bf16_to_f32(wr[j]) * x[i * k + j];                 \
                 s += tail;                                                                                   \
                 if (bias) s += bf16_to_f32(bias[r]);                                                         \
                 y[i * n + r] = f32_to_bf16(s);                                                               \
@@ -197,37 +197,37 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
 /* The loops below take head_dim / 16 (nv) and the number of query heads they serve (nj) as arguments;
  * called with constants (head_dim 64 or 128, up to GROUP_TILE heads), each copy is unrolled with its
  * sums in registers. */
-#define VALUES_CALL(FN, NJ)                                                                              \
+#define VALUES_CALL(FN, NJ)                                                                                      \
     if (nv == 4)                                                                                                 \
-        FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, 4);            \
+        FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, 4);             \
     else if (nv == 8)                                                                                            \
-        FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, 8);            \
+        FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, 8);             \
     else                                                                                                         \
         FN(p, cache, table, len, offset, block_stride, block_size, token_stride, max_len, o, NJ, nv);
 
-#define DECODE_KERNELS(SUFFIX, T, LOAD)                                                                          \
-    /* scores of the group's query heads (qg, nj rows) for tokens t0 <= t < live of one block (k: its first) */  \
-    INLINE void scores_tokens_##SUFFIX(const float* qg, const T* k, float* row, int64_t t0, int64_t live,        \
+#define DECODE_KERNELS(SUFFIX, T, LOAD)                                                                        \
+    /* scores of the group's query heads (qg, nj rows) for tokens t0 <= t < live of one block (k: its first) */ \
+    INLINE void scores_tokens_##SUFFIX(const float* qg, const T* k, float* row, int64_t t0, int64_t live,      \
                                        int64_t token_stride, int64_t max_len, float scale, int64_t nj, int64_t nv) { \
         for (int64_t t = t0; t < live; t++) {                                                                  \
             const T* kt = k + (t - t0) * token_stride;                                                         \
-            f32x16 kv[MAX_HEAD_VECTORS]; /* the token's key, widened once for the group's query heads */      \
+            f32x16 kv[MAX_HEAD_VECTORS]; /* the token's key, widened once for the group's query heads */       \
             for (int64_t v = 0; v < nv; v++) kv[v] = LOAD(kt + 16 * v);                                        \
             for (int64_t j = 0; j < nj; j++) {                                                                 \
                 const float* qh = qg + j * nv * 16;                                                            \
-                f32x16 acc = v_mul(load_f32x16(qh), kv[0]);                                                          \
-                for (int64_t v = 1; v < nv; v++) acc = v_fma(acc, load_f32x16(qh + 16 * v), kv[v]);                      \
+                f32x16 acc = v_mul(load_f32x16(qh), kv[0]);                                                    \
+                for (int64_t v = 1; v < nv; v++) acc = v_fma(acc, load_f32x16(qh + 16 * v), kv[v]);            \
                 row[j * max_len + t] = scale * sum_lanes(acc);                                                 \
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
     /* o[j] = sum over t < n of p[j, t] * V[t] for nj query heads of one KV head (val0: its V in layer, block 0) */ \
-    INLINE void values_heads_##SUFFIX(const float* p, const T* cache, const int64_t* table, int64_t n,          \
+    INLINE void values_heads_##SUFFIX(const float* p, const T* cache, const int64_t* table, int64_t n,         \
                                       int64_t block_offset, int64_t block_stride, int64_t block_size,          \
                                       int64_t token_stride, int64_t max_len, float* o, int64_t nj, int64_t nv) { \
         f32x16 acc[GROUP_TILE][MAX_HEAD_VECTORS];                                                              \
         for (int64_t j = 0; j < nj; j++)                                                                       \
-            for (int64_t v = 0; v < nv; v++) acc[j][v] = v_zero();                                          \
+            for (int64_t v = 0; v < nv; v++) acc[j][v] = v_zero();                                             \
         for (int64_t t0 = 0; t0 < n; t0 += block_size) {                                                       \
             const T* val = cache + table[t0 / block_size] * block_stride + block_offset;                       \
             const int64_t t1 = t0 + block_size < n ? t0 + block_size : n;                                      \
@@ -235,29 +235,29 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
                 f32x16 vv[MAX_HEAD_VECTORS];                                                                   \
                 for (int64_t v = 0; v < nv; v++) vv[v] = LOAD(val + 16 * v);                                   \
                 for (int64_t j = 0; j < nj; j++) {                                                             \
-                    const f32x16 pt = v_splat(p[j * max_len + t]);                                        \
-                    for (int64_t v = 0; v < nv; v++) acc[j][v] = v_fma(acc[j][v], pt, vv[v]);                                  \
+                    const f32x16 pt = v_splat(p[j * max_len + t]);                                             \
+                    for (int64_t v = 0; v < nv; v++) acc[j][v] = v_fma(acc[j][v], pt, vv[v]);                  \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
         for (int64_t j = 0; j < nj; j++)                                                                       \
             for (int64_t v = 0; v < nv; v++) store_f32x16(o + (j * nv + v) * 16, acc[j][v]);                   \
     }                                                                                                          \
-    /* scores[s, h, t] (row stride max_len) = scale * q[s, h] . K[s, t]; -inf for len[s] <= t < max_len.          \
-       One work item: a sequence's KV head over one block of tokens. */                                           \
-    void splitserve_decode_scores_##SUFFIX(const float* q, const T* cache, const int64_t* tables,               \
-                                           const int64_t* lens, float* scores, int64_t batch, int64_t heads,    \
-                                           int64_t kv_heads, int64_t head_dim, int64_t max_blocks,               \
-                                           int64_t max_len, int64_t layer, int64_t num_layers,                  \
-                                           int64_t block_size, float scale, int num_threads) {                  \
+    /* scores[s, h, t] (row stride max_len) = scale * q[s, h] . K[s, t]; -inf for len[s] <= t < max_len.       \
+       One work item: a sequence's KV head over one block of tokens. */                                        \
+    void splitserve_decode_scores_##SUFFIX(const float* q, const T* cache, const int64_t* tables,              \
+                                           const int64_t* lens, float* scores, int64_t batch, int64_t heads,   \
+                                           int64_t kv_heads, int64_t head_dim, int64_t max_blocks,             \
+                                           int64_t max_len, int64_t layer, int64_t num_layers,                 \
+                                           int64_t block_size, float scale, int num_threads) {                 \
         const int64_t group = heads / kv_heads, blocks = (max_len + block_size - 1) / block_size;              \
         const int64_t items = batch * kv_heads * blocks, nv = head_dim / 16;                                   \
         const int64_t token_stride = kv_heads * head_dim, kv_stride = block_size * token_stride;               \
         _Pragma("omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && items > 1)") \
         for (int64_t it = 0; it < items; it++) {                                                               \
-            const int64_t s = it / (kv_heads * blocks), g = it / blocks % kv_heads, b = it % blocks;            \
-            const int64_t n = lens[s], t0 = b * block_size;                                                     \
-            const int64_t t1 = t0 + block_size < max_len ? t0 + block_size : max_len;                           \
+            const int64_t s = it / (kv_heads * blocks), g = it / blocks % kv_heads, b = it % blocks;           \
+            const int64_t n = lens[s], t0 = b * block_size;                                                    \
+            const int64_t t1 = t0 + block_size < max_len ? t0 + block_size : max_len;                          \
             const int64_t live = n < t1 ? n : t1; /* tokens t0 <= t < live are in the sequence */              \
             float* row = scores + (s * heads + g * group) * max_len;                                           \
             for (int64_t j = 0; j < group; j++)                                                                \
@@ -273,16 +273,16 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
                 scores_tokens_##SUFFIX(qg, k, row, t0, live, token_stride, max_len, scale, group, nv);         \
         }                                                                                                      \
     }                                                                                                          \
-    /* out[s, h] = sum over t < len[s] of probs[s, h, t] * V[s, t]; one work item: a sequence's KV head and the   \
-       query heads that read it, GROUP_TILE at a time (each value widened once for all of them) */              \
-    void splitserve_decode_values_##SUFFIX(const float* probs, const T* cache, const int64_t* tables,           \
-                                           const int64_t* lens, float* out, int64_t batch, int64_t heads,       \
-                                           int64_t kv_heads, int64_t head_dim, int64_t max_blocks,               \
-                                           int64_t max_len, int64_t layer, int64_t num_layers,                  \
-                                           int64_t block_size, int num_threads) {                               \
+    /* out[s, h] = sum over t < len[s] of probs[s, h, t] * V[s, t]; one work item: a sequence's KV head and the \
+       query heads that read it, GROUP_TILE at a time (each value widened once for all of them) */             \
+    void splitserve_decode_values_##SUFFIX(const float* probs, const T* cache, const int64_t* tables,          \
+                                           const int64_t* lens, float* out, int64_t batch, int64_t heads,      \
+                                           int64_t kv_heads, int64_t head_dim, int64_t max_blocks,             \
+                                           int64_t max_len, int64_t layer, int64_t num_layers,                 \
+                                           int64_t block_size, int num_threads) {                              \
         const int64_t group = heads / kv_heads, items = batch * kv_heads, nv = head_dim / 16;                  \
         const int64_t token_stride = kv_heads * head_dim, kv_stride = block_size * token_stride;               \
-        const int64_t block_stride = num_layers * 2 * kv_stride;                                                \
+        const int64_t block_stride = num_layers * 2 * kv_stride;                                               \
         _Pragma("omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && items > 1)") \
         for (int64_t it = 0; it < items; it++) {                                                               \
             const int64_t s = it / kv_heads, g = it % kv_heads;                                                \
