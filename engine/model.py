@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.rope import RotaryEmbedding, apply_rotary
 from splitserve.engine.weights import ModelWeights, load_weights
-from splitserve.kernels import AttentionFn, AttentionMetadata
+from splitserve.kernels import AttentionFn, AttentionMetadata, cpu_gemv
 from splitserve.kernels.cache_ops import cache_rows, write_kv_rows
-from splitserve.kernels import cpu_gemv
 from splitserve.kernels.invariant_linear import LinearFn, invariant_linear
 
 logger = logging.getLogger(__name__)

@@ -191,8 +191,6 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
  * h / (num_heads / num_kv_heads). */
 #define MAX_HEAD_VECTORS 16
 #define GROUP_TILE 4
-#define SCORE_CHUNK 64
-
 
 /* The loops below take head_dim / 16 (nv) and the number of query heads they serve (nj) as arguments;
  * called with constants (head_dim 64 or 128, up to GROUP_TILE heads), each copy is unrolled with its

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -76,3 +77,13 @@ def legacy_copy(src: str | Path, dst: Path) -> Path:
             os.symlink(item, dst / item.name)
     (dst / "config.json").write_text(json.dumps(legacy_config(json.loads((src / "config.json").read_text())), indent=2))
     return dst
+
+
+def _has_c_compiler() -> bool:
+    from splitserve.kernels import cpu_native
+
+    return cpu_native.find_compiler() is not None
+
+
+# the native CPU kernels' tests: where no C compiler is found, the kernels are not built (their fallback is tested)
+needs_compiler = pytest.mark.skipif(not _has_c_compiler(), reason="no C compiler on this machine")

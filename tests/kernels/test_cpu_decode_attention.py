@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from splitserve.kernels import AttentionMetadata, cpu_decode_attention, cpu_native, kv_cache_shape
-
-needs_compiler = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler on this machine")
+from tests.helpers import needs_compiler
 
 
 @needs_compiler

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from splitserve.engine.model import Linear
-from splitserve.kernels import cpu_gemv, cpu_native
-
-needs_compiler = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler on this machine")
+from splitserve.kernels import cpu_gemv
+from tests.helpers import needs_compiler
 
 
 def _bf16(*shape: int, gen: torch.Generator) -> torch.Tensor:

@@ -9,8 +9,7 @@ import torch
 from splitserve.engine.model import Linear
 from splitserve.kernels import cpu_decode_attention, cpu_gemv, cpu_native
 from splitserve.kernels.cache_ops import kv_cache_shape
-
-needs_compiler = pytest.mark.skipif(cpu_native.find_compiler() is None, reason="no C compiler on this machine")
+from tests.helpers import needs_compiler
 
 
 @pytest.fixture
