@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+import splitserve  # noqa: F401  first: from here on the checkout's kernels/ cannot shadow Hugging Face's `kernels`
 from tests.helpers import assert_no_leaks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
