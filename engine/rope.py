@@ -27,6 +27,15 @@ class RotaryEmbedding:
         sin[:, : head_dim // 2].neg_()  # rotate-half's minus sign, folded into the table
         self.sin = sin.to(device=device, dtype=dtype)
 
+    def checked_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """``positions`` as contiguous int64, after checking that each has a row in the tables."""
+        positions = positions.to(torch.int64).contiguous()
+        if positions.numel():
+            low, high = torch.aminmax(positions)
+            if int(low) < 0 or int(high) >= self.cos.shape[0]:
+                raise IndexError(f"positions {int(low)}..{int(high)} outside the rotary tables' {self.cos.shape[0]} rows")
+        return positions
+
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin rows for ``positions`` shaped [T, 1, head_dim] to broadcast over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)

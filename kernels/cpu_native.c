@@ -12,6 +12,8 @@
  * 2. splitserve_decode_scores_* / splitserve_decode_values_*: decode attention read from the paged KV
  *    cache in place (cpu_decode_attention.py): scores = scale * q . K over each sequence's blocks, and,
  *    after the caller's softmax, out = probs . V; float32 arithmetic, bf16 or float32 caches.
+ * 3. splitserve_add_rms_norm_bf16 / splitserve_rotary_bf16: a bf16 decoder layer's residual add + RMSNorm and
+ *    its rotary embedding, one call each instead of several torch ops (cpu_layer_ops.py).
  *
  * Parallel regions run on the OpenMP runtime torch already uses: the GOMP_* symbols are left for the
  * process to provide. Written with GCC/Clang vector extensions: the compiler emits AVX-512, AVX2 or
@@ -303,3 +305,54 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
 
 DECODE_KERNELS(bf16, uint16_t, load_bf16x16)
 DECODE_KERNELS(f32, float, load_f32x16)
+
+/* ---- the small ops of a bf16 decoder layer (cpu_layer_ops.py) ---------------------------------------
+ * Each replaces several torch ops on a step's few rows, with torch's roundings: every op that torch runs
+ * in bf16 rounds its float32 result to bf16 here too (nearest, ties to even). */
+
+/* h[r] = bf16(h[r] + y[r]) when y is given; then out[r] = bf16(bf16(h[r] * inv_rms) * w), inv_rms =
+ * 1 / sqrt(mean(h[r]^2) + eps) in float32 (the squares summed 16 lanes at a time, in a fixed tree). */
+void splitserve_add_rms_norm_bf16(uint16_t* h, const uint16_t* y, const uint16_t* w, uint16_t* out, int64_t rows,
+                                  int64_t dim, float eps, int num_threads) {
+    const int64_t dim16 = dim - dim % 16;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && rows * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t* hr = h + r * dim;
+        if (y)
+            for (int64_t j = 0; j < dim; j++) hr[j] = f32_to_bf16(bf16_to_f32(hr[j]) + bf16_to_f32(y[r * dim + j]));
+        f32x16 acc = v_zero();
+        for (int64_t j = 0; j < dim16; j += 16) {
+            const f32x16 v = load_bf16x16(hr + j);
+            acc = v_fma(acc, v, v);
+        }
+        float sum = sum_lanes(acc);
+        for (int64_t j = dim16; j < dim; j++) sum += bf16_to_f32(hr[j]) * bf16_to_f32(hr[j]);
+        const float inv_rms = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++)
+            out[r * dim + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(hr[j]) * inv_rms)) * bf16_to_f32(w[j]));
+    }
+}
+
+/* Rotate-half rotary embedding in place on x[t, h, :] (rows of heads * head_dim at row_stride elements):
+ * x = bf16(bf16(x * cos) + bf16(swap_halves(x) * sin)), with cos and sin the tables' rows at positions[t]
+ * (sin's first half stored negated, engine/rope.py). */
+void splitserve_rotary_bf16(uint16_t* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t row_stride,
+                            const uint16_t* cos, const uint16_t* sin, const int64_t* positions, int num_threads) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (num_threads > 1 && tokens * heads * head_dim >= 65536)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t* c = cos + positions[t] * head_dim;
+        const uint16_t* s = sin + positions[t] * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t* xh = x + t * row_stride + h * head_dim;
+            for (int64_t j = 0; j < half; j++) {
+                const float a = bf16_to_f32(xh[j]), b = bf16_to_f32(xh[j + half]);
+                const float lo = bf16_to_f32(f32_to_bf16(a * bf16_to_f32(c[j]))) + bf16_to_f32(f32_to_bf16(b * bf16_to_f32(s[j])));
+                const float hi = bf16_to_f32(f32_to_bf16(b * bf16_to_f32(c[j + half]))) +
+                                 bf16_to_f32(f32_to_bf16(a * bf16_to_f32(s[j + half])));
+                xh[j] = f32_to_bf16(lo);
+                xh[j + half] = f32_to_bf16(hi);
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 """Native CPU kernels (``cpu_native.c``), built with the machine's C compiler on first use.
 
-Two users: ``cpu_gemv`` (decode steps' matrix-vector products) and ``cpu_decode_attention`` (decode
-attention read from the paged cache in place). Each checks its entry points against a float32
+Three users: ``cpu_gemv`` (decode steps' matrix-vector products), ``cpu_decode_attention`` (decode
+attention read from the paged cache in place) and ``cpu_layer_ops`` (a bf16 layer's residual add + RMSNorm
+and rotary embedding). Each checks its entry points against a float32
 reference before first use and falls back to torch's kernels if the library is missing or wrong.
 
 Build: ``$CC`` (else ``cc``, else ``gcc``) compiles the source with ``-O3 -march=native -fopenmp`` and
