@@ -114,21 +114,22 @@ class Linear:
     every call); float32 rows over low-precision weights upcast the weight for that call.
     """
 
-    __slots__ = ("weight", "bias", "packed", "gemv_rows")
+    __slots__ = ("weight", "bias", "packed", "gemv_rows", "gemv")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight
         self.bias = bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 8) if _can_prepack(weight) else None
+        self.gemv = cpu_gemv.PreparedGemv(weight, bias) if cpu_gemv.can_use(weight, bias) else None
         # the most rows the native kernel takes (0: none)
-        self.gemv_rows = 0 if not cpu_gemv.can_use(weight, bias) else cpu_gemv.GEMV_MAX_ROWS if self.packed is not None else sys.maxsize
+        self.gemv_rows = 0 if self.gemv is None else cpu_gemv.GEMV_MAX_ROWS if self.packed is not None else sys.maxsize
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if 0 < x.shape[0] <= self.gemv_rows and x.dtype == torch.bfloat16:  # the decode steps' path, first
+            return self.gemv(x)
         if x.dtype != self.weight.dtype:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight.to(x.dtype), bias)
-        if 0 < x.shape[0] <= self.gemv_rows:
-            return cpu_gemv.gemv_bf16(x, self.weight, self.bias)
         if self.packed is not None and x.shape[0] > 0:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -118,3 +118,20 @@ def test_the_check_rejects_a_wrong_kernel():
 
     with pytest.raises(AssertionError, match="over its bound"):
         cpu_gemv.check_kernel(zeros)
+
+
+@needs_compiler
+def test_the_prepared_call_is_the_generic_one_and_checks_its_input():
+    gen = torch.Generator().manual_seed(6)
+    w, b = _bf16(300, 128, gen=gen), _bf16(300, gen=gen)
+    prepared = cpu_gemv.PreparedGemv(w, b)
+    for rows in (1, 3, 9):
+        x = _bf16(rows, 128, gen=gen)
+        assert torch.equal(prepared(x), cpu_gemv.gemv_bf16(x, w, b))
+    strided = _bf16(128, 2, gen=gen).t()  # rows of x need not be contiguous
+    assert torch.equal(prepared(strided), prepared(strided.contiguous()))
+    for bad in (torch.zeros(1, 127, dtype=torch.bfloat16), torch.zeros(1, 128), torch.zeros(0, 128, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError):
+            prepared(bad)
+    with pytest.raises(ValueError):
+        cpu_gemv.PreparedGemv(w.float())
