@@ -18,8 +18,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
