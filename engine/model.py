@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.engine.model_config import ModelConfig
+from splitserve.engine.norm import add_rms_norm, rms_norm
 from splitserve.engine.rope import RotaryEmbedding, apply_rotary
 from splitserve.engine.weights import ModelWeights, load_weights
 from splitserve.kernels import AttentionFn, AttentionMetadata, cpu_gemv, cpu_layer_ops
@@ -50,23 +51,6 @@ logger = logging.getLogger(__name__)
 # Steps with at least this many tokens compute in float32 on CPUs without AMX
 # (measured crossover of fp32-over-upcast-weights vs packed bf16: 64-96 rows).
 FP32_MIN_TOKENS = 128
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """RMSNorm in float32; rounded to ``x.dtype`` before the weight as transformers does, unless
-    ``out_dtype`` asks for float32 activations (then nothing is rounded)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if out_dtype is None or out_dtype == x.dtype:
-        return xf.to(x.dtype).mul_(weight) if x.dtype != torch.float32 else xf.mul_(weight)
-    return xf.mul_(weight).to(out_dtype)
-
-
-def add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """The residual stream's ``h += y`` (when there is one), then ``rms_norm`` of ``h``."""
-    if y is not None:
-        h += y
-    return rms_norm(h, weight, eps, out_dtype)
 
 
 def _can_prepack(weight: torch.Tensor) -> bool:

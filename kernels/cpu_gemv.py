@@ -83,31 +83,24 @@ def can_use(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 
 class PreparedGemv:
-    """``gemv_bf16`` bound to one layer's weight (and bias), whose checks and pointers are done once: what ``Linear``
-    calls for every decode step (121 calls a step on SmolLM2, where the generic wrapper cost ~6 µs a call)."""
+    """``x @ weight.T + bias`` for one or more rows of bf16 ``x``, on torch's current thread count, bound to one layer's
+    weight (and bias) that ``can_use`` accepted: what ``Linear`` calls for every decode step (121 calls a step on
+    SmolLM2, where re-checking the weight on each call cost ~6 µs). The shapes of ``x`` are checked on each call: the
+    C code trusts them."""
 
-    __slots__ = ("_fn", "_weight", "_bias", "_w_ptr", "_b_ptr", "_k", "_n")
+    __slots__ = ("_fn", "_weight", "_bias")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if not can_use(weight, bias):
             raise ValueError(f"gemv_bf16 cannot serve a {tuple(weight.shape)} {weight.dtype} weight here")
-        self._fn, self._weight, self._bias = _kernel(), weight, bias  # the tensors stay referenced: their pointers stay valid
-        self._w_ptr, self._b_ptr = weight.data_ptr(), None if bias is None else bias.data_ptr()
-        self._n, self._k = weight.shape
+        self._fn, self._weight, self._bias = _kernel(), weight, bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] == 0 or x.shape[1] != self._k or x.device.type != "cpu":
-            raise ValueError(f"gemv_bf16: x {tuple(x.shape)} {x.dtype} against weight {(self._n, self._k)}")
-        x = x.contiguous()
-        y = torch.empty(x.shape[0], self._n, dtype=torch.bfloat16)
-        if self._fn(self._w_ptr, self._b_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], self._k, self._n, torch.get_num_threads()) != 0:
-            raise MemoryError(f"gemv_bf16: no memory for {x.shape[0]} x {self._k} float32 activations")
-        return y
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] == 0 or x.shape[1] != self._weight.shape[1] or x.device.type != "cpu":
+            raise ValueError(f"gemv_bf16: x {tuple(x.shape)} {x.dtype} against weight {tuple(self._weight.shape)}")
+        return _call(self._fn, x, self._weight, self._bias, torch.get_num_threads())
 
 
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for one or more rows of bf16 ``x``, on torch's current thread count; only for a layer
-    ``can_use`` accepted (the shapes are checked here: the C code trusts them)."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] == 0 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"gemv_bf16: x {tuple(x.shape)} {x.dtype} against weight {tuple(weight.shape)}")
-    return _call(_kernel(), x, weight, bias, torch.get_num_threads())
+    """``PreparedGemv(weight, bias)(x)``, for a single call."""
+    return PreparedGemv(weight, bias)(x)

@@ -24,25 +24,13 @@ import logging
 
 import torch
 
+from splitserve.engine.norm import add_rms_norm as torch_add_rms_norm
+from splitserve.engine.rope import apply_rotary
 from splitserve.kernels import cpu_native
 
 logger = logging.getLogger(__name__)
 
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
-
-
-def torch_add_rms_norm(h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The reference: ``h += y`` (bf16), then transformers' RMSNorm of ``h``."""
-    if y is not None:
-        h += y
-    hf = h.float()
-    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype).mul_(weight)
-
-
-def torch_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The reference: ``x * cos + swap_halves(x) * sin`` in x's dtype (``cos``/``sin`` broadcast over heads)."""
-    half = x.shape[-1] // 2
-    return torch.mul(x, cos).add_(torch.cat((x[..., half:], x[..., :half]), dim=-1).mul_(sin))
 
 
 def _norm_call(fn, h: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float, threads: int) -> torch.Tensor:
@@ -58,14 +46,15 @@ def _rotary_call(fn, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
 
 
 def check_kernels(norm, rotary) -> None:
-    """Raise ``AssertionError`` unless both agree with torch's ops on random bf16 inputs."""
+    """Raise ``AssertionError`` unless both agree with the model's torch ops (``engine.norm``, ``engine.rope``) on
+    random bf16 inputs."""
     gen = torch.Generator().manual_seed(0)
     for rows, dim, with_y, threads in ((1, 64, False, 1), (3, 576, True, 2), (40, 2000, True, 2), (2, 37, True, 1)):
         h = (torch.randn(rows, dim, generator=gen) * 3).to(torch.bfloat16)
         y = torch.randn(rows, dim, generator=gen).to(torch.bfloat16) if with_y else None
         w = torch.randn(dim, generator=gen).to(torch.bfloat16)
         h_ref, h_ours = h.clone(), h.clone()
-        ref = torch_add_rms_norm(h_ref, y, w, 1e-5)
+        ref = torch_add_rms_norm(h_ref, y, w, 1e-5, torch.bfloat16)
         ours = _norm_call(norm, h_ours, y, w, 1e-5, threads)
         assert torch.equal(h_ours, h_ref), f"residual sum differs ({rows} x {dim})"
         step = ref.float().abs().clamp_min(1e-30) * 2.0**-7  # one bf16 step
@@ -76,7 +65,7 @@ def check_kernels(norm, rotary) -> None:
         sin_t = torch.randn(100, head_dim, generator=gen).to(torch.bfloat16)
         positions = torch.randint(0, 100, (tokens,), generator=gen)
         x = base[:, : heads * head_dim].view(tokens, heads, head_dim)
-        ref = torch_rotary(x, cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1))
+        ref = apply_rotary(x, cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1))
         ours = base.clone()
         _rotary_call(rotary, ours[:, : heads * head_dim].view(tokens, heads, head_dim), positions, cos_t, sin_t, threads)
         assert torch.equal(ours[:, : heads * head_dim].view(tokens, heads, head_dim), ref), f"rotary differs ({tokens} x {heads} x {head_dim})"

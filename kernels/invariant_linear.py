@@ -51,9 +51,10 @@ def _native(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn | None:
     """The native CPU GEMV for every row count; None where it does not serve this weight."""
     if not cpu_gemv.can_use(weight, bias):
         return None
+    gemv = cpu_gemv.PreparedGemv(weight, bias)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return cpu_gemv.gemv_bf16(x, weight, bias) if x.shape[0] else F.linear(x, weight, bias)
+        return gemv(x) if x.shape[0] else F.linear(x, weight, bias)
 
     return fn
 

@@ -12,7 +12,7 @@ import torch
 
 from splitserve.engine.model import Linear
 from splitserve.kernels import cpu_gemv
-from tests.helpers import needs_compiler
+from tests.helpers import needs_compiler, torch_threads
 
 
 def _bf16(*shape: int, gen: torch.Generator) -> torch.Tensor:
@@ -34,12 +34,8 @@ def test_within_rounding_of_a_float32_reference(rows, k, n, with_bias, threads):
     b = _bf16(n, gen=gen) if with_bias else None
     ref = x.float() @ w.float().T + (0 if b is None else b.float())
     terms = x.float().abs() @ w.float().abs().T + (0 if b is None else b.float().abs())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = cpu_gemv.gemv_bf16(x, w, b)
-    finally:
-        torch.set_num_threads(before)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     err = (got.float() - ref).abs()
     assert bool((err <= ref.abs() * 2.0**-8 + terms * 1e-5).all()), err.max()
@@ -50,14 +46,10 @@ def test_a_row_is_the_same_in_every_call():
     """One row alone or beside others, on one thread or two: bit for bit the same (the sum's order is fixed)."""
     gen = torch.Generator().manual_seed(1)
     x, w, b = _bf16(3, 768, gen=gen), _bf16(2048, 768, gen=gen), _bf16(2048, gen=gen)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         three, two = cpu_gemv.gemv_bf16(x, w, b), cpu_gemv.gemv_bf16(x[1:], w, b)
-        torch.set_num_threads(1)
+    with torch_threads(1):
         alone = [cpu_gemv.gemv_bf16(x[i : i + 1], w, b)[0] for i in range(3)]
-    finally:
-        torch.set_num_threads(before)
     assert all(torch.equal(three[i], alone[i]) for i in range(3))
     assert torch.equal(two[0], alone[1]) and torch.equal(two[1], alone[2])
 

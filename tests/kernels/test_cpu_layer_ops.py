@@ -9,25 +9,14 @@ import ctypes
 import pytest
 import torch
 
-from splitserve.engine.rope import RotaryEmbedding
+from splitserve.engine.norm import add_rms_norm as torch_add_rms_norm
+from splitserve.engine.rope import RotaryEmbedding, apply_rotary
 from splitserve.kernels import cpu_layer_ops
-from tests.helpers import needs_compiler
+from tests.helpers import needs_compiler, torch_threads
 
 
 def _bf16(*shape: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, generator=gen) * scale).to(torch.bfloat16)
-
-
-def _threads(n: int):
-    class Threads:
-        def __enter__(self):
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.before)
-
-    return Threads()
 
 
 @needs_compiler
@@ -43,8 +32,8 @@ def test_norm_matches_torch_and_the_residual_sum_is_exact(rows, dim, with_y, thr
     h, w = _bf16(rows, dim, gen=gen, scale=4.0), _bf16(dim, gen=gen)
     y = _bf16(rows, dim, gen=gen) if with_y else None
     h_ref, h_ours = h.clone(), h.clone()
-    ref = cpu_layer_ops.torch_add_rms_norm(h_ref, y, w, 1e-6)
-    with _threads(threads):
+    ref = torch_add_rms_norm(h_ref, y, w, 1e-6, torch.bfloat16)
+    with torch_threads(threads):
         ours = cpu_layer_ops.add_rms_norm(h_ours, y, w, 1e-6)
     assert torch.equal(h_ours, h_ref)  # the residual stream is bit for bit torch's
     differ = ours != ref
@@ -57,9 +46,9 @@ def test_norm_matches_torch_and_the_residual_sum_is_exact(rows, dim, with_y, thr
 def test_a_row_is_the_same_alone_or_beside_others():
     gen = torch.Generator().manual_seed(5)
     h, y, w = _bf16(40, 3000, gen=gen), _bf16(40, 3000, gen=gen), _bf16(3000, gen=gen)
-    with _threads(2):
+    with torch_threads(2):
         together = cpu_layer_ops.add_rms_norm(h.clone(), y, w, 1e-5)
-    with _threads(1):
+    with torch_threads(1):
         alone = cpu_layer_ops.add_rms_norm(h[7:8].clone(), y[7:8].contiguous(), w, 1e-5)
     assert torch.equal(together[7:8], alone)
 
@@ -74,9 +63,9 @@ def test_rotary_is_torch_bit_for_bit_and_touches_only_its_heads(tokens, heads, h
     base = _bf16(tokens, width, gen=gen)
     positions = torch.randint(0, 4096, (tokens,), generator=gen)
     cos, sin = rope.tables(positions)
-    ref = cpu_layer_ops.torch_rotary(base[:, : heads * head_dim].view(tokens, heads, head_dim), cos, sin)
+    ref = apply_rotary(base[:, : heads * head_dim].view(tokens, heads, head_dim), cos, sin)
     ours = base.clone()
-    with _threads(threads):
+    with torch_threads(threads):
         out = cpu_layer_ops.rotary_(ours[:, : heads * head_dim].view(tokens, heads, head_dim), rope.checked_positions(positions), rope.cos, rope.sin)
     assert out.data_ptr() == ours.data_ptr()  # in place
     assert torch.equal(out, ref)
@@ -118,7 +107,7 @@ def test_the_check_rejects_wrong_kernels():
         ht = torch.frombuffer((ctypes.c_uint16 * (rows * dim)).from_address(h), dtype=torch.bfloat16).view(rows, dim)
         yt = None if y is None else torch.frombuffer((ctypes.c_uint16 * (rows * dim)).from_address(y), dtype=torch.bfloat16).view(rows, dim)
         wt = torch.frombuffer((ctypes.c_uint16 * dim).from_address(w), dtype=torch.bfloat16)
-        res = cpu_layer_ops.torch_add_rms_norm(ht, yt, wt, eps)
+        res = torch_add_rms_norm(ht, yt, wt, eps, torch.bfloat16)
         ctypes.memmove(out, res.data_ptr(), rows * dim * 2)
 
     with pytest.raises(AssertionError, match="norm off"):
