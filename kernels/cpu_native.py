@@ -1,15 +1,15 @@
-"""Native CPU kernels (``cpu_native.c``), built with the machine's C compiler on first use.
+"""Native CPU kernels (``cpu_native.c``, ``cpu_decode_step.c``), built with the machine's C compiler on first use.
 
-Three users: ``cpu_gemv`` (decode steps' matrix-vector products), ``cpu_decode_attention`` (decode
-attention read from the paged cache in place) and ``cpu_layer_ops`` (a bf16 layer's residual add + RMSNorm
-and rotary embedding). Each checks its entry points against a float32
+Four users: ``cpu_gemv`` (decode steps' matrix-vector products), ``cpu_decode_attention`` (decode
+attention read from the paged cache in place), ``cpu_layer_ops`` (a bf16 layer's residual add + RMSNorm
+and rotary embedding) and ``cpu_decode_step`` (a bf16 decode step's layers in one call). Each checks its entry points against a float32
 reference before first use and falls back to torch's kernels if the library is missing or wrong.
 
-Build: ``$CC`` (else ``cc``, else ``gcc``) compiles the source with ``-O3 -march=native -fopenmp`` and
+Build: ``$CC`` (else ``cc``, else ``gcc``) compiles the sources with ``-O3 -march=native -fopenmp`` and
 links it *without* an OpenMP runtime: its ``GOMP_*`` calls resolve, when it is loaded, to the runtime
 torch already runs in this process (GNU's, or the LLVM one engine workers preload: ``engine/openmp.py``),
 so the kernels and torch's ops share one thread team instead of two teams spinning on the same cores.
-The library goes to ``$SPLITSERVE_CACHE/kernels/<key>/`` (the key hashes the source, the compiler's
+The library goes to ``$SPLITSERVE_CACHE/kernels/<key>/`` (the key hashes the sources, the compiler's
 version, the flags and the CPU's feature flags, which ``-march=native`` depends on); it is written under
 a temporary name and renamed, so processes starting together never load half a file.
 
@@ -35,7 +35,8 @@ from splitserve.engine.model_cache import cache_root
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SPLITSERVE_CPU_KERNELS"
-SOURCE = Path(__file__).with_name("cpu_native.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_native.c", "cpu_decode_step.c"))
+HEADER = Path(__file__).with_name("cpu_vec.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
 _BUILD_TIMEOUT_S = 120
 
@@ -78,16 +79,18 @@ def build_library(cache_dir: Path, compiler: str) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
         raise KernelBuildError(f"could not run {compiler}: {e}") from None
-    parts = [SOURCE.read_bytes(), version.encode(), " ".join(CFLAGS).encode(), _cpu_features().encode(), platform.machine().encode()]
+    parts = [*(path.read_bytes() for path in (*SOURCES, HEADER)), version.encode(), " ".join(CFLAGS).encode(), _cpu_features().encode(), platform.machine().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir / key / "libsplitserve_cpu.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        obj, lib = Path(tmp) / "cpu_native.o", Path(tmp) / "cpu_native.so"
-        _run([compiler, *CFLAGS, "-c", str(SOURCE), "-o", str(obj)])
-        _run([compiler, "-shared", str(obj), "-o", str(lib), "-lm"])  # no -fopenmp here: the process's runtime serves it
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+        for source, obj in zip(SOURCES, objects):
+            _run([compiler, *CFLAGS, "-c", str(source), "-o", obj])
+        lib = Path(tmp) / "cpu_native.so"
+        _run([compiler, "-shared", *objects, "-o", str(lib), "-lm"])  # no -fopenmp here: the process's runtime serves it
         os.replace(lib, target)
     return target
 

@@ -130,8 +130,11 @@ def test_bf16_engine_gives_the_greedy_tokens_of_torchs_ops(checkpoints, make_llm
     rng = random.Random(arch)
     prompts = [[rng.randrange(5, vocab) for _ in range(n)] for n in (1, 9, 40, 100)]  # short: bf16 prefills too
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    native, with_torch = make_llm(path, dtype="bfloat16"), make_llm(path, dtype="bfloat16")
-    assert native.engine.runner.model.native_layer_ops
+    one_call, op_by_op, with_torch = (make_llm(path, dtype="bfloat16") for _ in range(3))
+    assert one_call.engine.runner.model.decode_step is not None  # decode steps in one native call (cpu_decode_step)
+    op_by_op.engine.runner.model.decode_step = None  # the native ops one by one
+    with_torch.engine.runner.model.decode_step = None
     with_torch.engine.runner.model.native_layer_ops = False
-    ours = [o.token_ids for o in native.generate(prompts, params, use_tqdm=False)]
+    ours = [o.token_ids for o in one_call.generate(prompts, params, use_tqdm=False)]
+    assert ours == [o.token_ids for o in op_by_op.generate(prompts, params, use_tqdm=False)]
     assert ours == [o.token_ids for o in with_torch.generate(prompts, params, use_tqdm=False)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splitserve.engine.model import Linear
-from splitserve.kernels import cpu_decode_attention, cpu_gemv, cpu_layer_ops, cpu_native
+from splitserve.kernels import cpu_decode_attention, cpu_decode_step, cpu_gemv, cpu_layer_ops, cpu_native
 from splitserve.kernels.cache_ops import kv_cache_shape
 from tests.helpers import needs_compiler
 
@@ -15,7 +15,7 @@ from tests.helpers import needs_compiler
 @pytest.fixture
 def fresh_kernels():
     """Forget the loaded library and checked kernels before and after the test (the environment is read once)."""
-    caches = (cpu_native.library, cpu_gemv._kernel, cpu_decode_attention._kernels, cpu_layer_ops._kernels)
+    caches = (cpu_native.library, cpu_gemv._kernel, cpu_decode_attention._kernels, cpu_layer_ops._kernels, cpu_decode_step._kernel)
     for cache in caches:
         cache.cache_clear()
     yield
@@ -28,6 +28,7 @@ def _nothing_native() -> None:
     assert not Linear(torch.zeros(8, 16, dtype=torch.bfloat16)).gemv_rows
     assert not cpu_decode_attention.serves(torch.zeros(kv_cache_shape(4, 2, 16, 2, 16), dtype=torch.bfloat16))
     assert not cpu_layer_ops.available()
+    assert not cpu_decode_step.available()
 
 
 @needs_compiler
