@@ -102,6 +102,11 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
 
 /* Ask for rows rows of one head's nv * 16 elements (row_stride apart) ahead of their reads: a block's K or V of one
  * layer and head is a few KiB away from the last one read, where the hardware prefetchers do not look. */
+/* how many blocks (or score items) ahead they are asked for: a block's few KiB take longer to arrive than one block's
+ * arithmetic (4 against 1: 8-14% off decode attention at 8 and 32 sequences of 1,024 tokens, runs/s29/prefetch_ab.py) */
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 4
+#endif
 #define prefetch_rows(first, rows, row_stride, nv)                                                            \
     for (int64_t pr = 0; pr < (rows); pr++)                                                                \
         for (int64_t pl = 0; pl < (nv) * 16 * (int64_t)sizeof(*(first)); pl += 64)                          \
@@ -148,8 +153,8 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
             for (int64_t v = 0; v < nv; v++) acc[j][v] = v_zero();                                             \
         for (int64_t t0 = 0; t0 < n; t0 += block_size) {                                                       \
             const T* val = cache + table[t0 / block_size] * block_stride + block_offset;                                \
-            if (t0 + block_size < n) /* the next block's values, while this one's are summed */                         \
-                prefetch_rows(cache + table[t0 / block_size + 1] * block_stride + block_offset, block_size, token_stride, nv); \
+            if (t0 + PREFETCH_BLOCKS * block_size < n) /* a later block's values, while this one's are summed */        \
+                prefetch_rows(cache + table[t0 / block_size + PREFETCH_BLOCKS] * block_stride + block_offset, block_size, token_stride, nv); \
             const int64_t t1 = t0 + block_size < n ? t0 + block_size : n;                                      \
             for (int64_t t = t0; t < t1; t++, val += token_stride) {                                           \
                 f32x16 vv[MAX_HEAD_VECTORS];                                                                   \
@@ -164,7 +169,7 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
             for (int64_t v = 0; v < nv; v++) store_f32x16(o + j * o_stride + v * 16, acc[j][v]);              \
     }                                                                                                          \
     /* scores[s, h, t] (row stride max_len) = scale * q[s, h] . K[s, t]; -inf for len[s] <= t < max_len.                 \
-       One work item: a sequence's KV head over one block of tokens; items [it0, it1). */                                \
+       One work item: a sequence's KV head over one block of tokens, a block's heads in a row; items [it0, it1). */     \
     HIDDEN void decode_scores_items_##SUFFIX(const float* q, const T* cache, const int64_t* tables, const int64_t* lens, \
                                              float* scores, int64_t heads, int64_t kv_heads, int64_t head_dim,           \
                                              int64_t max_blocks, int64_t max_len, int64_t layer, int64_t num_layers,     \
@@ -172,7 +177,7 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
         const int64_t group = heads / kv_heads, blocks = (max_len + block_size - 1) / block_size, nv = head_dim / 16;    \
         const int64_t token_stride = kv_heads * head_dim, kv_stride = block_size * token_stride;                         \
         for (int64_t it = it0; it < it1; it++) {                                                                         \
-            const int64_t s = it / (kv_heads * blocks), g = it / blocks % kv_heads, b = it % blocks;                     \
+            const int64_t s = it / (kv_heads * blocks), b = it / kv_heads % blocks, g = it % kv_heads;                     \
             const int64_t n = lens[s], t0 = b * block_size;                                                              \
             const int64_t t1 = t0 + block_size < max_len ? t0 + block_size : max_len;                                    \
             const int64_t live = n < t1 ? n : t1; /* tokens t0 <= t < live are in the sequence */                        \
@@ -181,11 +186,12 @@ int splitserve_gemv_bf16(const uint16_t* w, const uint16_t* bias, const uint16_t
                 for (int64_t t = live > t0 ? live : t0; t < t1; t++) row[j * max_len + t] = -INFINITY;                   \
             if (live <= t0) continue;                                                                                    \
             const T* k = cache + ((tables[s * max_blocks + b] * num_layers + layer) * 2) * kv_stride + g * head_dim;        \
-        if (it + 1 < it1) { /* the next item's keys, while this one's scores are computed */                            \
-            const int64_t s1 = (it + 1) / (kv_heads * blocks), g1 = (it + 1) / blocks % kv_heads, b1 = (it + 1) % blocks; \
-            prefetch_rows(cache + ((tables[s1 * max_blocks + b1] * num_layers + layer) * 2) * kv_stride + g1 * head_dim, \
-                          block_size, token_stride, nv);                                                                \
-        }                                                                                                               \
+            for (int64_t ahead = it == it0 ? it + 1 : it + PREFETCH_BLOCKS; ahead <= it + PREFETCH_BLOCKS && ahead < it1; ahead++) { \
+                /* a later item's keys, while this one's scores are computed (the first item: the next few) */          \
+                const int64_t s1 = ahead / (kv_heads * blocks), b1 = ahead / kv_heads % blocks, g1 = ahead % kv_heads;    \
+                prefetch_rows(cache + ((tables[s1 * max_blocks + b1] * num_layers + layer) * 2) * kv_stride + g1 * head_dim, \
+                              block_size, token_stride, nv);                                                            \
+            }                                                                                                           \
             const float* qg = q + (s * heads + g * group) * head_dim;                                                    \
             if (nv == 4)                                                                                                 \
                 scores_tokens_##SUFFIX(qg, k, row, t0, live, token_stride, max_len, scale, group, 4);                    \
