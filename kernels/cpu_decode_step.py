@@ -4,7 +4,7 @@ The op-by-op path of a decode step calls ~11 native kernels and a dozen torch op
 model at a few sequences their argument passing, allocations and OpenMP fork/joins cost as much as a
 third of the weight reads. ``DecodeStep`` runs every layer of the step in one call and one parallel
 region, with the same kernels and roundings (see the C file for the two ops that differ: softmax and
-SiLU in float32 through libm's ``expf``, where torch uses its own vectorised exp).
+SiLU in float32 through the C file's own vectorised exp, within an ulp as torch's is, rounding differently).
 
 Serves steps of decodes only (no prefill chunk) on the CPU, bf16 weights and cache, ``head_dim`` a
 multiple of 16 up to 256, whole-model GEMVs (every linear a contiguous bf16 matrix). Checked before first

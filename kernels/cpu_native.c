@@ -15,6 +15,9 @@
  * 3. splitserve_add_rms_norm_bf16 / splitserve_rotary_bf16: a bf16 decoder layer's residual add + RMSNorm and
  *    its rotary embedding, one call each instead of several torch ops (cpu_layer_ops.py).
  *
+ * The GEMV, the attention items, the norm row and the rotation of a head are also functions of one part of the work
+ * (declared in cpu_vec.h), which cpu_decode_step.c runs inside its own parallel region for a whole decode step.
+ *
  * Parallel regions run on the OpenMP runtime torch already uses: the GOMP_* symbols are left for the
  * process to provide. Written with GCC/Clang vector extensions: the compiler emits AVX-512, AVX2 or
  * SSE for the machine it builds on.
