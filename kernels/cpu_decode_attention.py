@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
@@ -26,8 +25,6 @@ import torch
 from splitserve.kernels import cpu_native
 from splitserve.kernels.cache_ops import gather_kv, kv_cache_shape
 from splitserve.kernels.metadata import AttentionMetadata
-
-logger = logging.getLogger(__name__)
 
 MAX_HEAD_DIM = 256  # MAX_HEAD_VECTORS * 16 in the C code
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -83,16 +80,10 @@ def check_kernels(pair: KernelPair, dtype: torch.dtype) -> None:
 
 @functools.cache
 def _kernels(dtype: torch.dtype) -> KernelPair | None:
-    lib = cpu_native.library()
-    if lib is None:
-        return None
-    try:
-        pair = _pair(lib, _SUFFIX[dtype])
-        check_kernels(pair, dtype)
-    except (AttributeError, AssertionError) as e:
-        logger.warning("CPU decode attention kernel unusable for %s caches (%s); torch's path serves", dtype, e)
-        return None
-    return pair
+    return cpu_native.checked_kernels(
+        lambda lib: _pair(lib, _SUFFIX[dtype]), lambda pair: check_kernels(pair, dtype), f"CPU decode attention kernel for {dtype} caches",
+        "torch's path serves",
+    )
 
 
 def serves(kv_cache: torch.Tensor) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,8 +28,6 @@ from splitserve.engine.norm import add_rms_norm, rms_norm
 from splitserve.engine.rope import apply_rotary
 from splitserve.kernels import cpu_native
 from splitserve.kernels.cache_ops import gather_kv, kv_cache_shape, write_kv
-
-logger = logging.getLogger(__name__)
 
 MAX_HEAD_DIM = 256
 _LAYER_FIELDS = ("input_norm", "qkv", "qkv_bias", "o_proj", "o_proj_bias", "qk_norm", "post_norm", "gate_up", "down")
@@ -84,6 +81,13 @@ def _decoder_struct(shape: DecoderShape, layers: Sequence[LayerTensors], cos: to
     return decoder
 
 
+def _invoke(fn, decoder: _DecoderC, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, kv_cache: torch.Tensor,
+            block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int, threads: int) -> int:
+    """The C call itself (0, or -1 when out of memory), on arguments already checked."""
+    return fn(ctypes.byref(decoder), h.data_ptr(), h.shape[0], positions.data_ptr(), slots.data_ptr(), kv_cache.data_ptr(), kv_cache.shape[3],
+              block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), max_len, threads)
+
+
 def _layer_ok(layer: LayerTensors, s: DecoderShape) -> bool:
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     shapes = {
@@ -131,11 +135,7 @@ class DecodeStep:
         if (block_tables.dtype != torch.int64 or block_tables.dim() != 2 or block_tables.shape[0] != m
                 or not block_tables.is_contiguous() or block_tables.shape[1] * block_size < max_len):
             raise ValueError(f"decode step: block tables {tuple(block_tables.shape)} for {m} tokens of up to {max_len}")
-        status = self._fn(
-            ctypes.byref(self._decoder), h.data_ptr(), m, positions.data_ptr(), slots.data_ptr(), kv_cache.data_ptr(), block_size,
-            block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), max_len, torch.get_num_threads(),
-        )
-        if status != 0:
+        if _invoke(self._fn, self._decoder, h, positions, slots, kv_cache, block_tables, context_lens, max_len, torch.get_num_threads()):
             raise MemoryError(f"decode step: no memory for {m} tokens of up to {max_len}")
 
 
@@ -244,9 +244,8 @@ def run_both(fn, shape: DecoderShape, case: dict, threads: int) -> tuple[torch.T
     ref_cache, ours_cache, h = c["kv_cache"].clone(), c["kv_cache"].clone(), c["h"].clone()
     ref = reference_step(shape, c["layers"], c["cos"], c["sin"], c["h"], c["positions"], c["slots"], ref_cache, c["block_tables"], c["context_lens"])
     decoder = _decoder_struct(shape, c["layers"], c["cos"], c["sin"])
-    m, tables = h.shape[0], c["block_tables"]
-    status = fn(ctypes.byref(decoder), h.data_ptr(), m, c["positions"].data_ptr(), c["slots"].data_ptr(), ours_cache.data_ptr(),
-                ours_cache.shape[3], tables.data_ptr(), tables.shape[1], c["context_lens"].data_ptr(), int(c["context_lens"].max()), threads)
+    lens = c["context_lens"]
+    status = _invoke(fn, decoder, h, c["positions"], c["slots"], ours_cache, c["block_tables"], lens, int(lens.max()), threads)
     assert status == 0, "decode step: out of memory"
     return h, ref, ours_cache, ref_cache
 
@@ -274,18 +273,11 @@ def check_kernel(fn) -> None:
 
 @functools.cache
 def _kernel():
-    lib = cpu_native.library()
-    if lib is None:
-        return None
-    try:
-        fn = cpu_native.entry_point(
-            lib, "splitserve_decode_step_bf16", [_PTR] * 2 + [_I64] + [_PTR] * 3 + [_I64, _PTR, _I64, _PTR, _I64, ctypes.c_int], ctypes.c_int,
-        )
-        check_kernel(fn)
-    except (AttributeError, AssertionError) as e:
-        logger.warning("native decode step unusable (%s); decode steps run op by op", e)
-        return None
-    return fn
+    def bind(lib: ctypes.CDLL):
+        argtypes = [_PTR] * 2 + [_I64] + [_PTR] * 3 + [_I64, _PTR, _I64, _PTR, _I64, ctypes.c_int]
+        return cpu_native.entry_point(lib, "splitserve_decode_step_bf16", argtypes, ctypes.c_int)
+
+    return cpu_native.checked_kernels(bind, check_kernel, "native decode step", "decode steps run op by op")
 
 
 def available() -> bool:

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
 
 from splitserve.kernels import cpu_native
-
-logger = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 3  # rows of activations Linear sends here beside oneDNN's bf16 kernel, which is as fast or faster from 4 on
 
@@ -60,16 +57,10 @@ def check_kernel(fn: GemvFn) -> None:
 
 @functools.cache
 def _kernel() -> GemvFn | None:
-    lib = cpu_native.library()
-    if lib is None:
-        return None
-    try:
-        fn = cpu_native.entry_point(lib, "splitserve_gemv_bf16", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int)
-        check_kernel(fn)
-    except (AttributeError, AssertionError) as e:
-        logger.warning("CPU GEMV kernel unusable (%s); decode steps use oneDNN", e)
-        return None
-    return fn
+    def bind(lib: ctypes.CDLL) -> GemvFn:
+        return cpu_native.entry_point(lib, "splitserve_gemv_bf16", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int], ctypes.c_int)
+
+    return cpu_native.checked_kernels(bind, check_kernel, "CPU GEMV kernel", "decode steps use oneDNN")
 
 
 def can_use(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
 import torch
 
 from splitserve.engine.norm import add_rms_norm as torch_add_rms_norm
 from splitserve.engine.rope import apply_rotary
 from splitserve.kernels import cpu_native
-
-logger = logging.getLogger(__name__)
 
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -74,17 +71,12 @@ def check_kernels(norm, rotary) -> None:
 
 @functools.cache
 def _kernels():
-    lib = cpu_native.library()
-    if lib is None:
-        return None
-    try:
+    def bind(lib: ctypes.CDLL):
         norm = cpu_native.entry_point(lib, "splitserve_add_rms_norm_bf16", [_PTR] * 4 + [_I64] * 2 + [ctypes.c_float, ctypes.c_int])
         rotary = cpu_native.entry_point(lib, "splitserve_rotary_bf16", [_PTR] + [_I64] * 4 + [_PTR] * 3 + [ctypes.c_int])
-        check_kernels(norm, rotary)
-    except (AttributeError, AssertionError) as e:
-        logger.warning("native layer ops unusable (%s); decoder layers use torch's ops", e)
-        return None
-    return norm, rotary
+        return norm, rotary
+
+    return cpu_native.checked_kernels(bind, lambda pair: check_kernels(*pair), "native layer ops", "decoder layers use torch's ops")
 
 
 def available() -> bool:

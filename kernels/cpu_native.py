@@ -28,7 +28,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from splitserve.engine.model_cache import cache_root
 
@@ -39,6 +41,8 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_native.c", "cpu
 HEADER = Path(__file__).with_name("cpu_vec.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
 _BUILD_TIMEOUT_S = 120
+
+Kernels = TypeVar("Kernels")
 
 
 class KernelBuildError(RuntimeError):
@@ -118,3 +122,18 @@ def library() -> ctypes.CDLL | None:
     except (KernelBuildError, OSError) as e:
         logger.warning("native CPU kernels unavailable (%s); torch's kernels serve", e)
         return None
+
+
+def checked_kernels(bind: Callable[[ctypes.CDLL], Kernels], check: Callable[[Kernels], None], what: str, fallback: str) -> Kernels | None:
+    """What ``bind`` takes from the library (its entry points), once ``check`` passed on it; None when the library is
+    missing, lacks a symbol or fails the check, which is logged as "<what> unusable (<why>); <fallback>"."""
+    lib = library()
+    if lib is None:
+        return None
+    try:
+        kernels = bind(lib)
+        check(kernels)
+    except (AttributeError, AssertionError) as e:
+        logger.warning("%s unusable (%s); %s", what, e, fallback)
+        return None
+    return kernels

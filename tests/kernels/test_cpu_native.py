@@ -60,3 +60,16 @@ def test_build_is_cached_and_leaves_no_temporaries(tmp_path):
     mtime = first.stat().st_mtime_ns
     assert cpu_native.build_library(tmp_path, compiler) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in first.parent.iterdir()] == [first.name]
+
+
+@needs_compiler
+def test_kernels_that_fail_their_check_or_lack_a_symbol_are_not_used_and_the_log_says_why(caplog):
+    def wrong(kernels):
+        raise AssertionError("off by one")
+
+    assert cpu_native.checked_kernels(lambda lib: lib.splitserve_gemv_bf16, lambda k: None, "GEMV", "oneDNN serves") is not None
+    with caplog.at_level("WARNING"):
+        assert cpu_native.checked_kernels(lambda lib: lib.splitserve_gemv_bf16, wrong, "GEMV", "oneDNN serves") is None
+        assert cpu_native.checked_kernels(lambda lib: lib.splitserve_no_such_kernel, lambda k: None, "missing", "torch serves") is None
+    assert "GEMV unusable (off by one); oneDNN serves" in caplog.text
+    assert "missing unusable" in caplog.text and "splitserve_no_such_kernel" in caplog.text
