@@ -26,6 +26,7 @@ with a new name, so a new handshake follows from the same diff.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from dataclasses import replace
 from typing import Any
 
 from splitserve.engine.aio import cancel_and_wait
+from splitserve.failures import WorkerLeft
 from splitserve.scheduler.directory import Directory, Member
 from splitserve.scheduler.load_view import LoadView
 from splitserve.scheduler.types import WorkerLoad, WorkerRole
@@ -92,7 +94,11 @@ class WorkerRegistry:
         return {w: m.handle for w, m in self._members.items() if m.role not in _PREFILL_ROLES}
 
     def handle(self, worker_id: str) -> Any:
-        return self._members[worker_id].handle
+        """The worker's handle; ``WorkerLeft`` once it left (a pairing made before it left may still name it)."""
+        member = self._members.get(worker_id)
+        if member is None:
+            raise WorkerLeft(f"{worker_id} is no longer serving")
+        return member.handle
 
     def role(self, worker_id: str) -> str:
         """A worker's role ("prefill", "decode", "both"); "unknown" once it left."""
@@ -106,8 +112,11 @@ class WorkerRegistry:
 
     # ---- life cycle --------------------------------------------------------------------
     def start(self) -> None:
+        """Start the loop, in a fresh ``contextvars`` context: the first HTTP request calls this, and its calls
+        to the workers must not carry that request's Serve context (its cancellation, and its internal id,
+        which Serve's routing uses to tell apart the calls being routed)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="worker-registry")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="worker-registry", context=contextvars.Context())
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)

@@ -143,11 +143,14 @@ class Dispatcher:
         self.metrics.routed.labels(d_id, "decode").inc()
         self.metrics.routed.labels(p_id, "prefill").inc()
         self._dispatched(p_id, len(req.prompt_token_ids))
-        call = self.registry.handle(p_id).prefill.remote(PrefillRequest(req, d_id, reservation))
+        call = None
         try:
+            # P may have left while D reserved (a scale-down): that is P's failure, retried elsewhere, not D's
+            call = self.registry.handle(p_id).prefill.remote(PrefillRequest(req, d_id, reservation))
             result: PrefillResult = await self._unless_dead(p_id, call, self.prefill_timeout_s)
         except BaseException as e:
-            cancel_call(call)
+            if call is not None:
+                cancel_call(call)
             if not isinstance(e, Exception):
                 raise
             self.note_failure(p_id, e)

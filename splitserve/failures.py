@@ -37,6 +37,10 @@ class WorkerDied(RuntimeError):
     """A call gave up on a worker that another call found dead (``is_worker_death`` knows the name)."""
 
 
+class WorkerLeft(LookupError):
+    """The worker is no longer a member: Serve scaled it down or replaced it after the request was paired with it."""
+
+
 def is_worker_death(e: BaseException) -> bool:
     """True when ``e`` says the worker's process died or cannot be reached (not that the request was bad)."""
     return any(cls.__name__ in _DEATH_ERRORS for cls in type(e).__mro__)

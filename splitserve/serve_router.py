@@ -4,7 +4,8 @@ The policy (``scheduler/policy.py``) picks, per request, *which* prefill and
 decode replica serve it; the ingress then calls each through a handle with
 ``options(session_id=<replica id>)``. This router sends such a call to exactly
 that replica, and a call that names a replica that has gone fails at once
-(``ReplicaGone``, which the router's retry handles) instead of waiting for it. A
+(``ReplicaGone``, which the router's retry handles) instead of waiting for it, and
+leaves Serve's queue, so that the request's retry here is routed. A
 call that names none (start-up, administration) goes to any replica.
 
 It also publishes the live replica set with each replica's metadata and routing
@@ -51,7 +52,17 @@ class PinnedReplicaRouter(RequestRouter):
                 return [[replica]]
         if not pending_request.future.done():
             pending_request.future.set_exception(ReplicaGone(f"replica {target} is not (or no longer) serving"))
+        self._forget_pending(pending_request)
         return [candidate_replicas[:1]]  # the request is already failed; a non-empty answer ends its routing task
+
+    def _forget_pending(self, pending_request: PendingRequest) -> None:
+        """Drop a request failed here from Serve's index of pending requests. Serve keys that index by the HTTP
+        request's internal id, which every call made for that request shares, and indexes a new request only
+        when its id is not there yet: left in, a failed call would keep the request's next call to this
+        deployment (its retry on another replica) from ever being routed."""
+        remove = getattr(self, "_remove_pending_request_from_indices", None)  # Serve's own; absent in older Serve
+        if remove is not None:
+            remove(pending_request)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

@@ -63,7 +63,10 @@ def test_planner_scales_prefill_up_and_down_under_load(run: dict):
 
 def test_scale_events_lose_no_request_and_no_block(run: dict):
     failed = [r for r in run["requests"] if r["status"] != 200]
-    assert len(run["requests"]) >= 20 and not failed, failed[:5]
+    assert len(run["requests"]) >= 20 and not failed, [(r["i"], r["status"], r["detail"]) for r in failed[:5]]
+    # nor stalls one: a retry after a scale-down once waited out the 120 s prefill timeout
+    slow = [(r["i"], round(r["seconds"], 1)) for r in run["requests"] if r["seconds"] > 30]
+    assert not slow, slow
     decode = [w for w in run["final"]["workers"] if w["role"] == "decode"]
     assert decode and all(w["num_free_blocks"] == w["num_total_blocks"] for w in decode)
 

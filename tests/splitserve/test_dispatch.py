@@ -10,11 +10,13 @@ import pytest
 
 from splitserve.cleanup import Janitor
 from splitserve.dispatch import Dispatcher, RetryableError, WorkerDied
+from splitserve.failures import WorkerLeft
 from splitserve.metrics import Metrics
 from splitserve.router import RoutedRequest
 from splitserve.scheduler import PairDecision
 from splitserve.scheduler.directory import Member
 from splitserve.scheduler.worker_registry import WorkerRegistry
+from splitserve.worker_messages import OutputChunk, PrefillResult, Reservation, TokenBatch
 from tests.splitserve.conftest import greedy
 
 pytestmark = pytest.mark.unit
@@ -127,62 +129,64 @@ def test_a_stream_waiting_for_its_first_chunk_from_a_dead_replica_gives_up_too()
     asyncio.run(body())
 
 
+class Decode:
+    """Reserves (after ``while_reserving()``), then sends token 99 on the token feed once the prefill is done."""
+
+    def __init__(self, while_reserving=lambda: None) -> None:
+        self.aborted: list[str] = []
+        self.prefilled = asyncio.Event()
+        self.req_id = None
+        self.while_reserving = while_reserving
+
+    def options(self, **kwargs) -> "Decode":
+        return self
+
+    @property
+    def serve_prefilled(self):
+        decode = self
+
+        class _Call:
+            def remote(self, req, feed_id):
+                decode.req_id = req.req_id
+
+                async def stream():
+                    decode.while_reserving()
+                    yield Reservation(0, [1, 2, 3])
+                    await asyncio.Event().wait()  # decoding: the tokens go on the feed
+
+                return stream()
+
+        return _Call()
+
+    @property
+    def feed(self):
+        decode = self
+
+        class _Feed:
+            def remote(self, feed_id):
+                async def stream():
+                    await decode.prefilled.wait()
+                    yield TokenBatch([OutputChunk(decode.req_id, [99], "x", False, None, 35, 1, 0)])
+                    await asyncio.Event().wait()
+
+                return stream()
+
+        return _Feed()
+
+    @property
+    def abort(self):
+        decode = self
+
+        class _Abort:
+            async def remote(self, req_id):
+                decode.aborted.append(req_id)
+
+        return _Abort()
+
+
+
 def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused():
     """D's first token must be the one P sampled (both see the same KV): a mismatch is an error, not a wrong answer."""
-    from splitserve.worker_messages import OutputChunk, PrefillResult, Reservation, TokenBatch
-
-    class Decode:
-        """Reserves, then sends token 99 on the token feed once the prefill is done."""
-
-        def __init__(self) -> None:
-            self.aborted: list[str] = []
-            self.prefilled = asyncio.Event()
-            self.req_id = None
-
-        def options(self, **kwargs) -> "Decode":
-            return self
-
-        @property
-        def serve_prefilled(self):
-            decode = self
-
-            class _Call:
-                def remote(self, req, feed_id):
-                    decode.req_id = req.req_id
-
-                    async def stream():
-                        yield Reservation(0, [1, 2, 3])
-                        await asyncio.Event().wait()  # decoding: the tokens go on the feed
-
-                    return stream()
-
-            return _Call()
-
-        @property
-        def feed(self):
-            decode = self
-
-            class _Feed:
-                def remote(self, feed_id):
-                    async def stream():
-                        await decode.prefilled.wait()
-                        yield TokenBatch([OutputChunk(decode.req_id, [99], "x", False, None, 35, 1, 0)])
-                        await asyncio.Event().wait()
-
-                    return stream()
-
-            return _Feed()
-
-        @property
-        def abort(self):
-            decode = self
-
-            class _Abort:
-                async def remote(self, req_id):
-                    decode.aborted.append(req_id)
-
-            return _Abort()
-
     class Prefill:
         @property
         def prefill(self):
@@ -210,4 +214,29 @@ def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused()
         await asyncio.sleep(0.05)
         assert registry.handle("decode-0").aborted == ["r3"]  # the request is let go on D
 
+    asyncio.run(body())
+
+
+def test_a_prefill_worker_that_leaves_while_the_decode_worker_reserves_is_retried_as_its_own_failure():
+    """A scale-down removes P between the pairing and the prefill call: the attempt fails as P's (the router
+    retries on another P), not as D's (with one decode worker, that failed the request: a 500 in CI)."""
+    class Gone(Handles):
+        def __init__(self) -> None:
+            self._members = {"decode-0": Member("decode-0", "decode", decode, b"", None),
+                             "prefill-0": Member("prefill-0", "prefill", object(), b"", None)}
+
+    async def body():
+        registry = WorkerRegistry(Gone())
+        registry._members = dict(registry.directory.members())  # no pairing calls: the stand-ins have no add_peers
+        decode.while_reserving = lambda: registry._members.pop("prefill-0")  # what sync() does when P left
+        dispatch = Dispatcher(registry, Metrics(), Janitor(timeout_s=1.0), prefill_timeout_s=60, call_timeout_s=30)
+        req = RoutedRequest("r4", list(range(5, 40)), greedy(4))
+        with pytest.raises(RetryableError, match="prefill_failed on prefill-0: WorkerLeft: prefill-0 is no longer serving") as info:
+            async for _ in dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test")):
+                pass
+        assert info.value.worker_id == "prefill-0" and isinstance(info.value.cause, WorkerLeft)
+        await asyncio.sleep(0.05)
+        assert decode.aborted == ["r4"]  # D's reservation is let go
+
+    decode = Decode()
     asyncio.run(body())
