@@ -60,9 +60,9 @@ class PinnedReplicaRouter(RequestRouter):
         request's internal id, which every call made for that request shares, and indexes a new request only
         when its id is not there yet: left in, a failed call would keep the request's next call to this
         deployment (its retry on another replica) from ever being routed."""
-        remove = getattr(self, "_remove_pending_request_from_indices", None)  # Serve's own; absent in older Serve
-        if remove is not None:
-            remove(pending_request)
+        index = getattr(self, "_pending_requests_by_id", None)  # Serve's own; absent in older Serve
+        if index is not None and index.get(pending_request.metadata.internal_request_id) is pending_request:
+            self._remove_pending_request_from_indices(pending_request)  # not another call's entry under the same id
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
