@@ -10,7 +10,8 @@ the SLA planner and whose decode role is one replica, and drives it:
 1. one greedy request (its tokens are checked by the test against the offline engine);
 2. a load step (``step_rate`` req/s) above one prefill replica's capacity on the
    profile, then a trickle (``trickle_rate``) below it, until the planner has
-   scaled prefill up to two replicas and back down to one;
+   scaled prefill up to two replicas and back down to one; every third request
+   is a stream whose client hangs up after three events;
 3. at the end, the decode worker's KV pool must be whole again.
 
 Everything it saw goes into the JSON file (the test asserts on it): where each
@@ -51,7 +52,8 @@ def free_port() -> int:
 
 
 class Traffic:
-    """Open-loop completions at a settable rate from a thread; every outcome recorded."""
+    """Open-loop completions at a settable rate from a thread, every third a stream whose client hangs up; every
+    outcome recorded."""
 
     def __init__(self, url: str, model: str) -> None:
         self.url, self.model = url, model
@@ -64,13 +66,29 @@ class Traffic:
     def _one(self, i: int) -> None:
         t0 = time.time()
         try:
-            r = httpx.post(f"{self.url}/v1/completions", timeout=120, json={
-                "model": self.model, "prompt": f"{i}: {PROMPT}", "max_tokens": 8, "temperature": 0})
-            status, detail = r.status_code, (r.text[:300] if r.status_code != 200 else "")
+            status, detail = self._hang_up(i) if i % 3 == 2 else self._complete(i)
         except httpx.HTTPError as e:
             status, detail = -1, repr(e)[:300]
         with self._lock:
             self.results.append({"i": i, "start": t0, "status": status, "seconds": time.time() - t0, "detail": detail})
+
+    def _complete(self, i: int) -> tuple[int, str]:
+        r = httpx.post(f"{self.url}/v1/completions", timeout=120, json={
+            "model": self.model, "prompt": f"{i}: {PROMPT}", "max_tokens": 8, "temperature": 0})
+        return r.status_code, (r.text[:300] if r.status_code != 200 else "")
+
+    def _hang_up(self, i: int) -> tuple[int, str]:
+        """A stream of 64 tokens whose client leaves after the third event (its KV must be freed on the decode node)."""
+        body = {"model": self.model, "prompt": f"{i}: {PROMPT}", "max_tokens": 64, "temperature": 0, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{self.url}/v1/completions", timeout=120, json=body) as r:
+            if r.status_code != 200:
+                return r.status_code, r.read().decode()[:300]
+            events = 0
+            for line in r.iter_lines():
+                events += line.startswith("data:")
+                if events == 3:
+                    return 200, ""
+        return -1, f"the stream ended after {events} events"
 
     def _run(self) -> None:
         i = 0

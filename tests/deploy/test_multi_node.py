@@ -1,5 +1,6 @@
 """splitserve across Ray nodes: placement by node resources, KV over NIXL between nodes, the SLA planner
-scaling the prefill role up under a load step and back down under a trickle, losing no request and no block.
+scaling the prefill role up under a load step and back down under a trickle, losing no request and no block
+(a third of the requests are streams whose clients hang up).
 
 The cluster runs in a child process (``tests/deploy/multi_node.py``, see there);
 this test asserts on what it recorded.
