@@ -132,11 +132,11 @@ def test_a_stream_waiting_for_its_first_chunk_from_a_dead_replica_gives_up_too()
 class Decode:
     """Reserves (after ``while_reserving()``), then sends token 99 on the token feed once the prefill is done."""
 
-    def __init__(self, while_reserving=lambda: None) -> None:
+    def __init__(self) -> None:
         self.aborted: list[str] = []
         self.prefilled = asyncio.Event()
         self.req_id = None
-        self.while_reserving = while_reserving
+        self.while_reserving = lambda: None
 
     def options(self, **kwargs) -> "Decode":
         return self
@@ -184,6 +184,13 @@ class Decode:
         return _Abort()
 
 
+def paired(decode: Decode, prefill: object) -> tuple[Dispatcher, WorkerRegistry]:
+    """A dispatcher over decode-0 and prefill-0, taken as paired (the stand-ins have no add_peers)."""
+    members = {"decode-0": Member("decode-0", "decode", decode, b"", None), "prefill-0": Member("prefill-0", "prefill", prefill, b"", None)}
+    registry = WorkerRegistry(Handles({}))
+    registry._members = members
+    return Dispatcher(registry, Metrics(), Janitor(timeout_s=1.0), prefill_timeout_s=60, call_timeout_s=30), registry
+
 
 def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused():
     """D's first token must be the one P sampled (both see the same KV): a mismatch is an error, not a wrong answer."""
@@ -196,17 +203,10 @@ def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused()
             decode.prefilled.set()
             return PrefillResult(msg.req.req_id, 7, 0, 0.1, 100, 0.01)
 
-    class Two(Handles):
-        def __init__(self) -> None:
-            self._members = {"decode-0": Member("decode-0", "decode", decode, b"", None),
-                             "prefill-0": Member("prefill-0", "prefill", Prefill(), b"", None)}
-
     decode = Decode()
 
     async def body():
-        registry = WorkerRegistry(Two())
-        registry._members = registry.directory.members()  # no pairing calls: the stand-ins have no add_peers
-        dispatch = Dispatcher(registry, Metrics(), Janitor(timeout_s=1.0), prefill_timeout_s=60, call_timeout_s=30)
+        dispatch, registry = paired(decode, Prefill())
         req = RoutedRequest("r3", list(range(5, 40)), greedy(4))
         with pytest.raises(RuntimeError, match="started from token 99, the prefill sampled 7"):
             async for _ in dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test")):
@@ -220,16 +220,9 @@ def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused()
 def test_a_prefill_worker_that_leaves_while_the_decode_worker_reserves_is_retried_as_its_own_failure():
     """A scale-down removes P between the pairing and the prefill call: the attempt fails as P's (the router
     retries on another P), not as D's (with one decode worker, that failed the request: a 500 in CI)."""
-    class Gone(Handles):
-        def __init__(self) -> None:
-            self._members = {"decode-0": Member("decode-0", "decode", decode, b"", None),
-                             "prefill-0": Member("prefill-0", "prefill", object(), b"", None)}
-
     async def body():
-        registry = WorkerRegistry(Gone())
-        registry._members = dict(registry.directory.members())  # no pairing calls: the stand-ins have no add_peers
+        dispatch, registry = paired(decode, object())
         decode.while_reserving = lambda: registry._members.pop("prefill-0")  # what sync() does when P left
-        dispatch = Dispatcher(registry, Metrics(), Janitor(timeout_s=1.0), prefill_timeout_s=60, call_timeout_s=30)
         req = RoutedRequest("r4", list(range(5, 40)), greedy(4))
         with pytest.raises(RetryableError, match="prefill_failed on prefill-0: WorkerLeft: prefill-0 is no longer serving") as info:
             async for _ in dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test")):
