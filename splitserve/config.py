@@ -154,6 +154,15 @@ class SLOTargets(BaseModel):
     )
 
 
+class ResponseCacheConfig(BaseModel):
+    """Answers to greedy or seeded requests kept in the ingress and replayed for a repeat (``splitserve.response_cache``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_entries: int = Field(0, ge=0, description="answers kept per ingress replica (0: no response cache)")
+    max_bytes: int = Field(64 * 2**20, ge=1024, description="their text and token ids, at most (least recently used go first)")
+    ttl_s: float = Field(600.0, gt=0, description="an answer older than this is generated again")
+
+
 class PlannerSettings(BaseModel):
     """The SLA planner (``splitserve.tune.sla_planner``): it sets each role's replicas within its range."""
 
@@ -186,6 +195,9 @@ class ServeConfig(BaseModel):
     decode_resources: WorkerResources = Field(default_factory=WorkerResources)
     faults: FaultConfig = Field(default_factory=FaultConfig)
     slo: SLOTargets = Field(default_factory=SLOTargets, description="targets a request must meet to count as goodput")
+    response_cache: ResponseCacheConfig = Field(
+        default_factory=ResponseCacheConfig, description="replay answers to repeated greedy or seeded requests (off by default)",
+    )
     price_per_accelerator_hour: float | None = Field(
         None, ge=0, description="turns compute-seconds per tenant into splitserve_compute_cost_total (a worker replica = one accelerator)",
     )

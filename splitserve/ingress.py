@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from splitserve import openai_protocol as oai
 from splitserve.config import ServeConfig
@@ -39,17 +39,19 @@ from splitserve.engine.config import resolve_max_model_len
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.sampling_params import InvalidSamplingParam
 from splitserve.engine.tokenizer import load_tokenizer
-from splitserve.http_guard import APIError, HTTPGuard, internal_error_message, public_message
+from splitserve.http_guard import APIError, HTTPGuard
 from splitserve.metrics import Metrics
 from splitserve.openapi_bodies import openapi_with_request_bodies, request_body_schema
 from splitserve.planner_policy import read_decisions
 from splitserve.request_prep import PromptBuilder, near_loop
+from splitserve.response_cache import CachedGeneration, ResponseCache, cache_key
+from splitserve.responses import ClosingStreamingResponse, ended_early, error_for, sse_events
 from splitserve.router import RequestFailed, RoutedRequest, Router
-from splitserve.worker_messages import OutputChunk
-from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable, PromptTooLarge
+from splitserve.scheduler import LeastLoadedPolicy, NoWorkerAvailable
 from splitserve.scheduler.directory import Directory
 from splitserve.scheduler.spread import SpreadTracker
 from splitserve.scheduler.worker_registry import WorkerRegistry
+from splitserve.worker_messages import OutputChunk
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class IngressCore:
             self.registry, self.metrics, mode=cfg.mode, policy=policy, max_attempts=r.max_attempts, prefill_timeout_s=r.prefill_timeout_s,
             migration_limit=r.migration_limit, max_queue_wait_s=r.max_queue_wait_s,
         )
+        rc = cfg.response_cache
+        self.responses = ResponseCache(rc.max_entries, rc.max_bytes, rc.ttl_s) if rc.max_entries else None
 
     # ---- request preparation -----------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -124,6 +128,42 @@ class IngressCore:
         if bad_stop:
             raise APIError(400, f"stop_token_ids must be in [0, {self.vocab_size - 1}]; got {bad_stop}", param="stop_token_ids")
         return RoutedRequest(req_id or uuid.uuid4().hex, prompt_ids, params, priority=req.priority, tenant=req.tenant)
+
+    # ---- the response cache ------------------------------------------------------
+    def lookup(self, rreq: RoutedRequest, cache_control: str) -> tuple[bytes | None, CachedGeneration | None]:
+        """The request's response-cache key (None: no cache, not greedy or seeded, or ``no-store``) and a stored answer.
+
+        ``Cache-Control: no-cache`` generates anew (and stores the answer); ``no-store`` neither reads nor stores.
+        """
+        directives = cache_control.lower()
+        if self.responses is None or "no-store" in directives:
+            return None, None
+        key = cache_key(rreq.prompt_token_ids, rreq.params)
+        if key is None:
+            return None, None
+        hit = None if "no-cache" in directives else self.responses.get(key)
+        self.metrics.response_cache.labels("hit" if hit is not None else "miss").inc()
+        return key, hit
+
+    async def answer(self, rreq: RoutedRequest, key: bytes | None, hit: CachedGeneration | None) -> AsyncIterator[OutputChunk]:
+        """The request's chunks: a stored answer as one chunk, or ``chunks`` (a whole new answer under ``key`` is stored)."""
+        if hit is not None:
+            self.metrics.requests.labels("ok", self.metrics.tenant_label(rreq.tenant)).inc()
+            yield OutputChunk(rreq.req_id, list(hit.token_ids), hit.text, True, hit.finish_reason, hit.num_prompt_tokens,
+                              hit.num_output_tokens, hit.num_prompt_tokens)
+            return
+        if key is None or self.responses is None:
+            async for chunk in self.chunks(rreq):
+                yield chunk
+            return
+        text: list[str] = []
+        token_ids: list[int] = []
+        async for chunk in self.chunks(rreq):
+            text.append(chunk.new_text)
+            token_ids.extend(chunk.new_token_ids)
+            if chunk.finished and chunk.finish_reason in ("stop", "length"):
+                self.responses.put(key, CachedGeneration("".join(text), tuple(token_ids), chunk.finish_reason, chunk.num_prompt_tokens))
+            yield chunk
 
     # ---- streaming ---------------------------------------------------------------
     async def chunks(self, rreq: RoutedRequest) -> AsyncIterator[OutputChunk]:
@@ -192,25 +232,6 @@ def _default_name(cfg: ServeConfig, model_path: str) -> str:
     return model_path.rstrip("/").split("/")[-1]
 
 
-def _error_for(e: BaseException, req_id: str | None = None) -> APIError:
-    """The client's view of a routing or serving failure: a short reason, never internals (see ``public_message``)."""
-    if isinstance(e, PromptTooLarge):
-        return APIError(400, public_message(e), param="prompt")
-    if isinstance(e, NoWorkerAvailable):
-        retry = max(1, round(e.retry_after_s or 1))
-        logger.warning("request %s refused (503, retry after %d s): %s", req_id, retry, e)  # operators see why
-        return APIError(503, f"no worker can take the request now: {public_message(e)}", "ServiceUnavailableError", headers={"Retry-After": str(retry)})
-    logger.error("request %s failed: %s", req_id, e, exc_info=e)  # the whole story, server-side only
-    message = public_message(e, req_id) if isinstance(e, RequestFailed) else internal_error_message(req_id)
-    return APIError(500, message, "InternalServerError")
-
-
-def _ended_early(finish: str | None, req_id: str) -> APIError:
-    """A stream that finished without "stop" or "length": the engine ended it ("error": this request alone failed)."""
-    reason = "generation failed for this request" if finish == "error" else f"the request ended early ({finish})"
-    return APIError(500, f"{reason} (request id {req_id})", "InternalServerError")
-
-
 def _spread_summary(core: "IngressCore") -> dict:
     reports = list(core.registry.reports.values())
     core.spread.observe(time.monotonic(), reports)
@@ -238,23 +259,27 @@ def build_http_app(core: IngressCore) -> FastAPI:
             core.check_model(req.model)
             prompt_ids = await core.prompt_ids(req, chat)
             rreq = core.routed(req, prompt_ids, chat, req_id)
+            key, hit = core.lookup(rreq, request.headers.get("cache-control", ""))
             core.registry.start()
-            core.router.check_capacity(rreq)  # a full cluster is a 503 with Retry-After, also for streams
+            if hit is None:
+                core.router.check_capacity(rreq)  # a full cluster is a 503 with Retry-After, also for streams
         except APIError as e:
             return e.response()
         except NoWorkerAvailable as e:
             core.metrics.requests.labels("rejected", core.metrics.tenant_label(req.tenant)).inc()
-            return _error_for(e, req_id).response()
+            return error_for(e, req_id).response()
         model = req.model or core.served_name
         created = int(time.time())
+        cache_headers = {} if key is None else {"x-splitserve-cache": "hit" if hit is not None else "miss"}
         if req.stream:
-            stream = _sse(core, rreq, model, created, chat, req.include_usage, req.return_token_ids)
-            return _ClosingStreamingResponse(stream, media_type="text/event-stream")
+            chunks = core.answer(rreq, key, hit)
+            stream = sse_events(chunks, rreq.req_id, len(prompt_ids), model, created, chat, req.include_usage, req.return_token_ids)
+            return ClosingStreamingResponse(stream, media_type="text/event-stream", headers=cache_headers)
         text, token_ids, finish, n_out = [], [], None, 0
 
         async def collect() -> None:
             nonlocal finish, n_out
-            async for chunk in core.chunks(rreq):
+            async for chunk in core.answer(rreq, key, hit):
                 text.append(chunk.new_text)
                 token_ids.extend(chunk.new_token_ids)
                 finish, n_out = chunk.finish_reason, chunk.num_output_tokens
@@ -263,15 +288,15 @@ def build_http_app(core: IngressCore) -> FastAPI:
             if not await _unless_disconnected(request, collect(), core.cfg.http.disconnect_poll_s):
                 return Response(status_code=499)  # nobody is listening; the request was aborted on its worker
         except (NoWorkerAvailable, RequestFailed) as e:
-            return _error_for(e, req_id).response()
+            return error_for(e, req_id).response()
         if finish not in ("stop", "length"):
-            return _ended_early(finish, req_id).response()
+            return ended_early(finish, req_id).response()
         build = oai.chat_completion_response if chat else oai.completion_response
         body = build(rreq.req_id, model, "".join(text), finish, len(prompt_ids), n_out, created)
         if req.return_token_ids:
             body["choices"][0]["token_ids"] = token_ids
             body["prompt_token_ids"] = prompt_ids
-        return JSONResponse(body)
+        return JSONResponse(body, headers=cache_headers)
 
     @app.post("/v1/completions", openapi_extra=request_body_schema(oai.CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -303,6 +328,7 @@ def build_http_app(core: IngressCore) -> FastAPI:
         core.metrics.degraded.set(core.router.serving_state().status == "degraded")
         core.metrics.update_planner(read_decisions(core.cfg.app_name))
         core.metrics.update_spread(_spread_summary(core))
+        core.metrics.response_cache_entries.set(len(core.responses) if core.responses is not None else 0)
         return Response(core.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/admin/workers")
@@ -329,21 +355,6 @@ def build_http_app(core: IngressCore) -> FastAPI:
     return app
 
 
-class _ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends, so the request is aborted on its worker at once.
-
-    When the client leaves, Starlette stops iterating the body (ASGI spec >= 2.4:
-    ``send`` raises ``OSError``) but leaves the generator to the garbage
-    collector; until then the request keeps decoding for nobody.
-    """
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
 async def _unless_disconnected(request: Request, work: Awaitable[None], poll_s: float) -> bool:
     """Run ``work`` while checking every ``poll_s`` that the client is still connected.
 
@@ -366,44 +377,3 @@ async def _unless_disconnected(request: Request, work: Awaitable[None], poll_s: 
     except asyncio.CancelledError:  # the server itself cancelled us (e.g. Ray Serve saw the disconnect)
         await cancel_and_wait(task)
         raise
-
-
-async def _sse(
-    core: IngressCore, rreq: RoutedRequest, model: str, created: int, chat: bool, include_usage: bool, return_token_ids: bool
-) -> AsyncIterator[bytes]:
-    rid = rreq.req_id
-    n_prompt, n_out = len(rreq.prompt_token_ids), 0
-    text_events = oai.TextEvents(rid, model, created, chat)
-    if chat:
-        yield oai.sse_event(oai.chat_chunk(rid, model, "", role="assistant", created=created))
-    try:
-        async for chunk in core.chunks(rreq):
-            n_out = chunk.num_output_tokens
-            finish = chunk.finish_reason if chunk.finished else None
-            if finish not in (None, "stop", "length"):
-                err = _ended_early(finish, rid)
-                yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
-                yield oai.sse_event("[DONE]")
-                return
-            text = chunk.new_text
-            if not text and finish is None and not (return_token_ids and chunk.new_token_ids):
-                continue
-            if finish is None and not return_token_ids:  # most events: only the text changes
-                yield text_events.event(text)
-                continue
-            if chat:
-                event = oai.chat_chunk(rid, model, text, finish_reason=finish, created=created)
-            else:
-                event = oai.completion_chunk(rid, model, text, finish_reason=finish, created=created)
-            if return_token_ids:
-                event["choices"][0]["token_ids"] = chunk.new_token_ids
-            yield oai.sse_event(event)
-    except Exception as e:  # the stream ends with an error event, never silently; details only in the log
-        err = _error_for(e, rid)
-        yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
-        yield oai.sse_event("[DONE]")
-        return
-    if include_usage:
-        usage = oai.chat_usage_chunk if chat else oai.completion_usage_chunk
-        yield oai.sse_event(usage(rid, model, n_prompt, n_out, created=created))
-    yield oai.sse_event("[DONE]")

@@ -53,6 +53,11 @@ class Metrics:
         self.transfer_bytes = Counter("splitserve_kv_transfer_bytes", "KV bytes moved prefill -> decode", registry=r)
         self.transfer_seconds = Histogram("splitserve_kv_transfer_seconds", "Duration of one KV transfer", buckets=LATENCY_BUCKETS, registry=r)
         self.prefix_cached_tokens = Counter("splitserve_prefix_cache_hit_tokens", "Prompt tokens served from a prefix cache", registry=r)
+        self.response_cache = Counter(
+            "splitserve_response_cache_lookups", "Deterministic requests looked up in the response cache, by result (hit, miss)",
+            ["result"], registry=r,
+        )
+        self.response_cache_entries = Gauge("splitserve_response_cache_entries", "Answers held in the response cache", registry=r)
         self.queue_depth = Gauge("splitserve_queue_depth", "Requests waiting in a worker", ["role", "worker"], registry=r)
         self.running = Gauge("splitserve_running_requests", "Sequences running in a worker", ["role", "worker"], registry=r)
         self.kv_blocks_used = Gauge("splitserve_kv_blocks_used", "KV blocks referenced in a worker", ["worker"], registry=r)

@@ -61,6 +61,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="batch-invariant numerics: a request's output does not depend on what runs beside it (slower)")
     p.add_argument("--stream-interval", type=int, default=None,
                    help="send streamed tokens every N tokens (the first at once); default 1: every token")
+    p.add_argument("--response-cache", type=int, default=None, metavar="N",
+                   help="keep the answers to N greedy or seeded requests and replay them for repeats (default 0: off)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the workers")
     p.set_defaults(func=run_serve)
 
@@ -76,7 +78,7 @@ def config_from_args(args: argparse.Namespace):
         "engine.model": args.model, "mode": mode, "num_prefill": _replicas(args.prefill), "num_decode": _replicas(args.decode),
         "http.host": args.host, "http.port": args.port, "http.served_model_name": args.served_model_name,
         "http.api_key": None if args.api_key_file else args.api_key, "http.api_key_file": args.api_key_file,
-        "http.stream_interval": args.stream_interval,
+        "http.stream_interval": args.stream_interval, "response_cache.max_entries": getattr(args, "response_cache", None),
         "engine.dtype": args.dtype, "engine.max_num_batched_tokens": args.max_num_batched_tokens,
         "engine.max_prefill_tokens_beside_decodes": args.max_prefill_tokens_beside_decodes,
         "slo.schedule": getattr(args, "slo_scheduling", None), "routing.local_prefill_budget_s": getattr(args, "local_prefill_budget_s", None),
