@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import argparse
+
 import pytest
 
+from splitserve.config import ServeConfig
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.response_cache import CachedGeneration, ResponseCache, cache_key, is_deterministic
+from splitserve.serve_cli import add_serve_parser, config_from_args
 
 PROMPT = [5, 17, 99, 1024]
 
@@ -104,3 +108,16 @@ def test_bounds_must_be_positive():
     for bad in ({"max_entries": 0}, {"max_bytes": 0}, {"ttl_s": 0}):
         with pytest.raises(ValueError):
             ResponseCache(**{"max_entries": 1, "max_bytes": 1, "ttl_s": 1.0, **bad})
+
+
+def test_the_cache_is_off_by_default_and_set_by_flag_or_config():
+    def cli(*argv: str) -> ServeConfig:
+        parser = argparse.ArgumentParser()
+        add_serve_parser(parser.add_subparsers())
+        return config_from_args(parser.parse_args(["serve", *argv]))
+
+    assert cli().response_cache.max_entries == 0
+    assert cli("--response-cache", "4096").response_cache.max_entries == 4096
+    assert ServeConfig(response_cache={"max_entries": 8, "ttl_s": 5}).response_cache.ttl_s == 5
+    with pytest.raises(ValueError, match="max_entries"):
+        ServeConfig(response_cache={"max_entries": -1})
