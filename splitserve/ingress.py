@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -145,28 +145,31 @@ class IngressCore:
         self.metrics.response_cache.labels("hit" if hit is not None else "miss").inc()
         return key, hit
 
-    async def answer(self, rreq: RoutedRequest, key: bytes | None, hit: CachedGeneration | None) -> AsyncIterator[OutputChunk]:
+    def answer(self, rreq: RoutedRequest, key: bytes | None, hit: CachedGeneration | None) -> AsyncGenerator[OutputChunk, None]:
         """The request's chunks: a stored answer as one chunk, or ``chunks`` (a whole new answer under ``key`` is stored)."""
         if hit is not None:
-            self.metrics.requests.labels("ok", self.metrics.tenant_label(rreq.tenant)).inc()
-            yield OutputChunk(rreq.req_id, list(hit.token_ids), hit.text, True, hit.finish_reason, hit.num_prompt_tokens,
-                              hit.num_output_tokens, hit.num_prompt_tokens)
-            return
-        if key is None or self.responses is None:
-            async for chunk in self.chunks(rreq):
-                yield chunk
-            return
+            return self._replay(rreq, hit)
+        return self.chunks(rreq) if key is None else self._stored(rreq, key)
+
+    async def _replay(self, rreq: RoutedRequest, hit: CachedGeneration) -> AsyncGenerator[OutputChunk, None]:
+        self.metrics.requests.labels("ok", self.metrics.tenant_label(rreq.tenant)).inc()
+        yield OutputChunk(rreq.req_id, list(hit.token_ids), hit.text, True, hit.finish_reason, hit.num_prompt_tokens,
+                          hit.num_output_tokens, hit.num_prompt_tokens)
+
+    async def _stored(self, rreq: RoutedRequest, key: bytes) -> AsyncGenerator[OutputChunk, None]:
+        assert self.responses is not None  # a key is only made when there is a cache
         text: list[str] = []
         token_ids: list[int] = []
-        async for chunk in self.chunks(rreq):
-            text.append(chunk.new_text)
-            token_ids.extend(chunk.new_token_ids)
-            if chunk.finished and chunk.finish_reason in ("stop", "length"):
-                self.responses.put(key, CachedGeneration("".join(text), tuple(token_ids), chunk.finish_reason, chunk.num_prompt_tokens))
-            yield chunk
+        async with contextlib.aclosing(self.chunks(rreq)) as chunks:
+            async for chunk in chunks:
+                text.append(chunk.new_text)
+                token_ids.extend(chunk.new_token_ids)
+                if chunk.finished and chunk.finish_reason in ("stop", "length"):
+                    self.responses.put(key, CachedGeneration("".join(text), tuple(token_ids), chunk.finish_reason, chunk.num_prompt_tokens))
+                yield chunk
 
     # ---- streaming ---------------------------------------------------------------
-    async def chunks(self, rreq: RoutedRequest) -> AsyncIterator[OutputChunk]:
+    async def chunks(self, rreq: RoutedRequest) -> AsyncGenerator[OutputChunk, None]:
         """The router's chunks with metrics recorded and the whole request bounded in time."""
         self.registry.start()
         tenant = self.metrics.tenant_label(rreq.tenant)  # bounded: at most http.max_metric_tenants labels

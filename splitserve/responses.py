@@ -11,8 +11,9 @@ soon as the response ends, however it ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -61,7 +62,7 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 async def sse_events(
-    chunks: AsyncIterator[OutputChunk], rid: str, num_prompt_tokens: int, model: str, created: int, chat: bool,
+    chunks: AsyncGenerator[OutputChunk, None], rid: str, num_prompt_tokens: int, model: str, created: int, chat: bool,
     include_usage: bool, return_token_ids: bool,
 ) -> AsyncIterator[bytes]:
     """OpenAI's streamed events for one request's ``chunks`` (chat or completion shape), then usage and ``[DONE]``."""
@@ -70,27 +71,28 @@ async def sse_events(
     if chat:
         yield oai.sse_event(oai.chat_chunk(rid, model, "", role="assistant", created=created))
     try:
-        async for chunk in chunks:
-            n_out = chunk.num_output_tokens
-            finish = chunk.finish_reason if chunk.finished else None
-            if finish not in (None, "stop", "length"):
-                err = ended_early(finish, rid)
-                yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
-                yield oai.sse_event("[DONE]")
-                return
-            text = chunk.new_text
-            if not text and finish is None and not (return_token_ids and chunk.new_token_ids):
-                continue
-            if finish is None and not return_token_ids:  # most events: only the text changes
-                yield text_events.event(text)
-                continue
-            if chat:
-                event = oai.chat_chunk(rid, model, text, finish_reason=finish, created=created)
-            else:
-                event = oai.completion_chunk(rid, model, text, finish_reason=finish, created=created)
-            if return_token_ids:
-                event["choices"][0]["token_ids"] = chunk.new_token_ids
-            yield oai.sse_event(event)
+        async with contextlib.aclosing(chunks):  # closed with this stream, so the request is aborted at once
+            async for chunk in chunks:
+                n_out = chunk.num_output_tokens
+                finish = chunk.finish_reason if chunk.finished else None
+                if finish not in (None, "stop", "length"):
+                    err = ended_early(finish, rid)
+                    yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
+                    yield oai.sse_event("[DONE]")
+                    return
+                text = chunk.new_text
+                if not text and finish is None and not (return_token_ids and chunk.new_token_ids):
+                    continue
+                if finish is None and not return_token_ids:  # most events: only the text changes
+                    yield text_events.event(text)
+                    continue
+                if chat:
+                    event = oai.chat_chunk(rid, model, text, finish_reason=finish, created=created)
+                else:
+                    event = oai.completion_chunk(rid, model, text, finish_reason=finish, created=created)
+                if return_token_ids:
+                    event["choices"][0]["token_ids"] = chunk.new_token_ids
+                yield oai.sse_event(event)
     except Exception as e:  # the stream ends with an error event, never silently; details only in the log
         err = error_for(e, rid)
         yield oai.sse_event(oai.error_body(err.message, err.type, None, err.status))
