@@ -39,8 +39,10 @@ class IncrementalDetokenizer:
     _prefix_offset: int = 0
     _read_offset: int = 0
     _decode: Decode | None = None  # default: ``decoder_for(tokenizer)``; an engine passes one for all its sequences
+    longest_stop: int = field(init=False, default=0)  # characters of the longest stop string (0: none)
 
     def __post_init__(self) -> None:
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
         if self._decode is None and self.tokenizer is not None:
             self._decode = decoder_for(self.tokenizer)
 
@@ -63,8 +65,7 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         self.text += delta
         if self.stop:
-            longest = max(len(s) for s in self.stop)
-            search_from = max(0, old_len - longest + 1)
+            search_from = max(0, old_len - self.longest_stop + 1)
             best: tuple[int, str] | None = None
             for s in self.stop:
                 idx = self.text.find(s, search_from)

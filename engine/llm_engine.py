@@ -381,7 +381,7 @@ class LLMEngine:
         num_sent_tokens, num_sent_chars = self._emitted[seq.req_id]
         out_ids = seq.output_ids
         # while running, hold back text a stop string could still claim
-        holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+        holdback = max(detok.longest_stop, 1) - 1
         text_end = len(detok.text) if seq.is_finished else max(num_sent_chars, len(detok.text) - holdback)
         self._emitted[seq.req_id] = (len(out_ids), text_end)
         finish = seq.status.value if seq.is_finished else None

@@ -35,6 +35,10 @@ class HTTPConfig(BaseModel):
     allow_client_chat_template: bool = Field(False, description="accept a chat template in the request (rendered sandboxed and bounded)")
     chat_template_timeout_s: float = Field(1.0, gt=0, description="a chat template render that takes longer is refused with HTTP 400")
     max_metric_tenants: int = Field(100, ge=1, description="distinct tenant labels in /metrics; later tenants are counted as 'other'")
+    max_stop_sequences: int = Field(
+        64, ge=1, description="stop strings, and stop_token_ids, one request may give (each is checked at every token)",
+    )
+    max_stop_chars: int = Field(1000, ge=1, description="characters in one stop string (text that long is held back while streaming)")
     stream_interval: int = Field(
         1, ge=1, description="a stream sends its first token at once, then every this many tokens (and the last ones): "
         "fewer, larger events for less CPU per token, at the cost of smoothness (vLLM's --stream-interval)",

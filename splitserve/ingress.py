@@ -33,11 +33,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from splitserve import openai_protocol as oai
-from splitserve.config import ServeConfig
+from splitserve.config import HTTPConfig, ServeConfig
 from splitserve.engine.aio import cancel_and_wait
 from splitserve.engine.config import resolve_max_model_len
 from splitserve.engine.model_config import ModelConfig
-from splitserve.engine.sampling_params import InvalidSamplingParam
+from splitserve.engine.sampling_params import InvalidSamplingParam, SamplingParams
 from splitserve.engine.tokenizer import load_tokenizer
 from splitserve.http_guard import APIError, HTTPGuard
 from splitserve.metrics import Metrics
@@ -124,6 +124,7 @@ class IngressCore:
                 f"({n} in the prompt, {params.max_tokens} in max_tokens): reduce the prompt or max_tokens",
                 param="max_tokens",
             )
+        _check_stop_limits(params, self.cfg.http)
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise APIError(400, f"stop_token_ids must be in [0, {self.vocab_size - 1}]; got {bad_stop}", param="stop_token_ids")
@@ -216,6 +217,16 @@ class IngressCore:
         slo = self.cfg.slo
         tpot = (finished - first_token) / (num_output_tokens - 1) if num_output_tokens > 1 else 0.0
         return first_token - arrival <= slo.ttft_s and tpot <= slo.tpot_s
+
+
+def _check_stop_limits(params: SamplingParams, http: HTTPConfig) -> None:
+    """Every stop string is looked for after every token: their number and length are this request's work on the batch."""
+    for name, values in (("stop", params.stop), ("stop_token_ids", params.stop_token_ids)):
+        if len(values) > http.max_stop_sequences:
+            raise APIError(400, f"{name} takes at most {http.max_stop_sequences} entries; got {len(values)}", param=name)
+    longest = max((len(s) for s in params.stop), default=0)
+    if longest > http.max_stop_chars:
+        raise APIError(400, f"a stop string may have at most {http.max_stop_chars} characters; got one of {longest}", param="stop")
 
 
 def _aliases(cfg: ServeConfig) -> tuple[str, ...]:

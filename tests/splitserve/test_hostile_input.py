@@ -72,6 +72,10 @@ HOSTILE = {
     "client_template": ("/v1/chat/completions", {"json": {"messages": CHAT, "chat_template": TEMPLATE_BOMB}}, 400, "chat_template"),
     "template_kwarg_overrides_messages": ("/v1/chat/completions", {"json": {"messages": CHAT, "chat_template_kwargs": {"messages": []}}},
                                           400, "chat_template_kwargs.messages"),
+    # every stop string is searched for after every token: 300,000 of them slowed every stream in the batch ~4x
+    "stop_65_strings": ("/v1/completions", {"json": completion_body(PROMPTS[0], 4, stop=[f"q{i}z" for i in range(65)])}, 400, "stop"),
+    "stop_1001_chars": ("/v1/completions", {"json": completion_body(PROMPTS[0], 4, stop=["ab" * 500 + "c"])}, 400, "stop"),
+    "stop_token_ids_65": ("/v1/completions", {"json": completion_body(PROMPTS[0], 4, stop_token_ids=[7] * 65)}, 400, "stop_token_ids"),
     "text_plain": ("/v1/completions", {"content": b'{"prompt": [5, 6]}', "headers": {"content-type": "text/plain"}}, 415, "content-type"),
     "no_content_type": ("/v1/completions", {"content": b'{"prompt": [5, 6]}'}, 415, "content-type"),
     "form": ("/v1/chat/completions", {"data": {"prompt": "x"}}, 415, "content-type"),
@@ -85,6 +89,7 @@ SERVED = {
     "seed_2**64": {"temperature": 0.9, "seed": 2**64},
     "seed_below_int64": {"temperature": 0.9, "seed": -(2**63) - 1},
     "seed_huge": {"temperature": 0.9, "seed": 10**4000},
+    "stop_at_the_limits": {"stop": ["\u0394" * 1000, *(f"q{i}z" for i in range(63))], "stop_token_ids": [1] * 64},
 }
 
 
