@@ -88,7 +88,7 @@ def worker_options(cfg: ServeConfig) -> dict[str, Any]:
     return {
         "transfer_timeout_s": cfg.transfer_timeout_s,
         "warm_up_prompt_tokens": cfg.warm_up_prompt_tokens,
-        "kv_wait_timeout_s": cfg.kv_wait_timeout_s,
+        "kv_wait_timeout_s": cfg.kv_wait_timeout_seconds,
         "reservation_ttl_s": cfg.reservation_ttl_seconds,
         "prefix_report_max_blocks": cfg.routing.prefix_report_max_blocks,
         "fail_fraction": cfg.faults.fail_fraction,

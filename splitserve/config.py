@@ -210,7 +210,10 @@ class ServeConfig(BaseModel):
         32, ge=0, description="before serving, each worker times a throwaway prompt this long and a few decode steps: the "
         "first request pays no one-time set-up and routing has the step costs from the start (0: no warm-up)",
     )
-    kv_wait_timeout_s: float = Field(60.0, gt=0, description="decode side: how long a request waits for its KV once prefilled")
+    kv_wait_timeout_s: float | None = Field(
+        None, gt=0, description="decode side: how long reserved blocks wait for their KV (the prefill worker's queue, prefill and "
+        "transfer); must exceed routing.prefill_timeout_s, so a prefill never writes into blocks already given up; default 30 s more",
+    )
     reservation_ttl_s: float | None = Field(
         None, gt=0, description="decode blocks reserved for a request that never claims them are freed after this; "
         "default: 300 s, or 60 s more than routing.prefill_timeout_s when that is longer",
@@ -235,6 +238,12 @@ class ServeConfig(BaseModel):
             raise ValueError("disaggregated mode needs num_prefill >= 1 (or use mode: aggregated)")
         if self.planner is not None and not any(isinstance(r, ReplicaRange) for r in (self.num_decode, self.num_prefill)):
             raise ValueError("planner: give a replica range to at least one role it may scale, e.g. num_decode: {min: 1, max: 4}")
+        if self.kv_wait_timeout_s is not None and self.kv_wait_timeout_s <= self.routing.prefill_timeout_s:
+            raise ValueError(
+                f"kv_wait_timeout_s ({self.kv_wait_timeout_s:g}) must exceed routing.prefill_timeout_s "
+                f"({self.routing.prefill_timeout_s:g}): the decode worker must hold the blocks as long as the prefill may "
+                "still write into them; raise kv_wait_timeout_s or lower prefill_timeout_s"
+            )
         if self.reservation_ttl_s is not None and self.reservation_ttl_s <= self.routing.prefill_timeout_s:
             raise ValueError(
                 f"reservation_ttl_s ({self.reservation_ttl_s:g}) must exceed routing.prefill_timeout_s "
@@ -263,6 +272,11 @@ class ServeConfig(BaseModel):
         if self.reservation_ttl_s is not None:
             return self.reservation_ttl_s
         return max(300.0, self.routing.prefill_timeout_s + 60.0)
+
+    @property
+    def kv_wait_timeout_seconds(self) -> float:
+        """``kv_wait_timeout_s``, or its default: 30 s past ``routing.prefill_timeout_s``."""
+        return self.kv_wait_timeout_s if self.kv_wait_timeout_s is not None else self.routing.prefill_timeout_s + 30.0
 
     def replicas(self, role: str) -> int | ReplicaRange:
         """The configured replicas of ``role`` ("prefill" or "decode"); prefill is 0 in aggregated mode."""

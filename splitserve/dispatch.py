@@ -125,6 +125,7 @@ class Dispatcher:
         """Await ``call`` for at most ``timeout_s``, and no longer once another call found ``worker_id`` dead
         (Serve holds calls to a killed replica until its replacement is up: tens of seconds)."""
         task = asyncio.ensure_future(_as_awaitable(call))
+        task.add_done_callback(_consume_outcome)  # abandoned when we are cancelled: Serve's RequestCancelledError is nobody's news
         dead = self.registry.death_signal(worker_id)
         try:
             done, _ = await asyncio.wait({task, dead}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -225,6 +226,12 @@ async def _watch(call: Any, inbox: Subscription, worker_id: str) -> None:
         return
     await asyncio.sleep(FEED_END_GRACE_S)
     inbox.put(FeedEnded(f"{worker_id} finished {inbox.req_id}, but its last tokens never came on the token feed"))
+
+
+def _consume_outcome(task: asyncio.Future) -> None:
+    """Read an abandoned task's outcome, so asyncio does not log it as an exception nobody retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _as_awaitable(call: Any) -> Any:

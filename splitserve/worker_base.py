@@ -60,7 +60,7 @@ class WorkerOptions:
     """Knobs of a worker process beyond the engine's."""
 
     transfer_timeout_s: float = 30.0  # one KV transfer, prefill side
-    kv_wait_timeout_s: float = 60.0  # decode side: from the reservation until the KV notification
+    kv_wait_timeout_s: float = 150.0  # decode side: from the reservation until the KV notification (> the router's prefill timeout)
     reservation_ttl_s: float = 300.0  # reserved blocks no request claimed are freed after this
     fail_fraction: float = 0.0  # fault injection (tests)
     delay_fraction: float = 0.0

@@ -233,3 +233,42 @@ def test_a_prefill_worker_that_leaves_while_the_decode_worker_reserves_is_retrie
 
     decode = Decode()
     asyncio.run(body())
+
+
+class CancelledByServe:
+    """A call that Serve cancels (the client left): awaiting it ends in Serve's RequestCancelledError."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.get_running_loop().create_future()
+
+    def cancel(self) -> None:
+        if not self.cancelled.done():
+            self.cancelled.set_result(None)
+
+    def __await__(self):
+        try:
+            yield from self.cancelled.__await__()
+        except asyncio.CancelledError:
+            pass
+        raise RuntimeError("Request x was cancelled.")  # what Serve's handle raises in place of CancelledError
+
+
+def test_a_call_abandoned_by_a_cancelled_request_logs_no_unretrieved_exception(caplog):
+    """An outsider's hung-up clients left 138 "Task exception was never retrieved" tracebacks in the ingress's log."""
+    async def body():
+        d, _ = dispatcher({"decode-0": DeadReplica()})
+        call = CancelledByServe()
+        waiting = asyncio.ensure_future(d._unless_dead("decode-0", call, 30))
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # the HTTP request was cancelled; the call then ends with Serve's error
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(body())
+        import gc
+
+        gc.collect()
+    assert "never retrieved" not in caplog.text
