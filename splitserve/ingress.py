@@ -31,6 +31,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from splitserve import openai_protocol as oai
 from splitserve.config import HTTPConfig, ServeConfig
@@ -257,6 +258,12 @@ def build_http_app(core: IngressCore) -> FastAPI:
     app = FastAPI(title="splitserve", version="0.1.0")
     app.add_middleware(HTTPGuard, http=cfg, api_key=cfg.resolved_api_key())
     app.openapi = lambda: openapi_with_request_bodies(app)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        """Starlette's own refusals (no such route: 404, wrong method: 405) in OpenAI's error shape, like every other."""
+        kind = "NotFoundError" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(oai.error_body(str(e.detail), kind, None, e.status_code), e.status_code, headers=e.headers)
 
     async def parse(request: Request, model: type) -> Any:
         body = bytearray()

@@ -88,6 +88,10 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # vLLM extension: each choice also carries its token ids
+    # refused unless neutral (``_NEUTRAL``) on both routes, as vLLM accepts them on both
+    best_of: int | None = None
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = None
     # splitserve extensions
     priority: int = Field(0, ge=-INT64_MAX - 1, le=INT64_MAX, description="lower is served first (vLLM's convention)")
     tenant: str | None = Field(None, pattern=TENANT_PATTERN, description="label for per-tenant metrics: 1-64 of A-Z a-z 0-9 . _ : -")
@@ -144,11 +148,8 @@ class CompletionRequest(_SamplingRequest):
     """``/v1/completions``. ``prompt`` is normalised to a string or a list of token ids."""
 
     prompt: str | list[int]
-    best_of: int | None = None
     logprobs: int | None = None
     suffix: str | None = None
-    use_beam_search: bool = False
-    prompt_logprobs: int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod

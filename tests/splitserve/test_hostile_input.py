@@ -76,6 +76,10 @@ HOSTILE = {
     "stop_65_strings": ("/v1/completions", {"json": completion_body(PROMPTS[0], 4, stop=[f"q{i}z" for i in range(65)])}, 400, "stop"),
     "stop_1001_chars": ("/v1/completions", {"json": completion_body(PROMPTS[0], 4, stop=["ab" * 500 + "c"])}, 400, "stop"),
     "stop_token_ids_65": ("/v1/completions", {"json": completion_body(PROMPTS[0], 4, stop_token_ids=[7] * 65)}, 400, "stop_token_ids"),
+    # the chat route once ignored these silently (the completions route refused them)
+    "chat_use_beam_search": ("/v1/chat/completions", {"json": {"messages": CHAT, "use_beam_search": True}}, 400, "use_beam_search"),
+    "chat_best_of": ("/v1/chat/completions", {"json": {"messages": CHAT, "best_of": 2}}, 400, "best_of"),
+    "chat_prompt_logprobs": ("/v1/chat/completions", {"json": {"messages": CHAT, "prompt_logprobs": 5}}, 400, "prompt_logprobs"),
     "text_plain": ("/v1/completions", {"content": b'{"prompt": [5, 6]}', "headers": {"content-type": "text/plain"}}, 415, "content-type"),
     "no_content_type": ("/v1/completions", {"content": b'{"prompt": [5, 6]}'}, 415, "content-type"),
     "form": ("/v1/chat/completions", {"data": {"prompt": "x"}}, 415, "content-type"),
@@ -317,3 +321,14 @@ def test_content_type_with_charset_is_json(aio, workers, tiny_model):
             assert r.status_code == 200, r.text
 
     aio.run(body())
+
+
+def test_unknown_routes_and_methods_get_openai_shaped_errors(aio, workers, tiny_model):
+    async def body():
+        async with stack(workers, tiny_model) as s, s.client() as c:
+            return await c.get("/v1/completions"), await c.post("/v1/nothing-here", json={}), await c.get("/nope")
+
+    for r, status in zip(aio.run(body()), (405, 404, 404)):
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["code"] == status and err["message"] and not LEAKS.search(r.text), r.text
