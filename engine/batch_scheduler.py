@@ -110,6 +110,13 @@ class BatchScheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def num_queued_prompt_tokens(self) -> int:
+        """Prompt tokens still to compute: the waiting sequences' and what is left of prompts already being prefilled
+        in chunks (a running sequence with more than its newest token uncomputed). Copies first: a load report may
+        read this from another thread while a step runs."""
+        running = sum(n for n in (s.num_uncomputed_tokens for s in list(self.running)) if n > 1)
+        return running + sum(s.num_uncomputed_tokens for s in list(self.waiting))
+
     # ---- one step -----------------------------------------------------------
     def _blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = seq.num_computed_tokens + num_new_tokens

@@ -186,7 +186,7 @@ class EngineWorker:
         return WorkerStats(
             worker_id=self.worker_id, role=self.role, num_waiting=len(sched.waiting), num_running=len(sched.running),
             num_free_blocks=pool.num_free_blocks, num_total_blocks=pool.num_blocks, num_blocks_in_flight=e.num_blocks_in_flight(),
-            block_size=e.block_size, num_queued_tokens=sum(s.num_uncomputed_tokens for s in list(sched.waiting)),
+            block_size=e.block_size, num_queued_tokens=sched.num_queued_prompt_tokens(),
             num_requests=self.num_requests, num_failed=self.num_failed, num_resumed=self.num_resumed,
             transfer_bytes=self.transfer_bytes, transfer_seconds=self.transfer_seconds, prefix_hits=pool.num_prefix_hits,
             prefix_queries=pool.num_prefix_queries, prefix_version=pool.prefix_version if pool.enable_prefix_caching else -1,

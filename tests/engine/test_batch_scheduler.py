@@ -101,6 +101,23 @@ def test_long_prompt_is_chunked_across_steps():
     assert [(c.seq.req_id, c.num_new_tokens) for c in out.decodes] == [("long", 1)] and not out.prefills
 
 
+def test_queued_prompt_tokens_count_what_is_left_of_a_prompt_being_chunked():
+    """The load report's queue: a long prompt's remaining chunks are still work ahead of a newcomer. Counting only
+    the waiting sequences made a prefill worker mid-way through an 8,000-token prompt look idle, so a 4-token request
+    was sent to wait behind it (an outsider's test: 26 s for 4 tokens)."""
+    sched = make_scheduler(budget=16)
+    long, decoding = make_seq("long", 50), make_seq("decoding", 3)
+    sched.add(decoding)
+    run_step(sched)  # prefilled: from now on it decodes (one uncomputed token at a time)
+    sched.add(long)
+    assert sched.num_queued_prompt_tokens() == 50
+    for left in (35, 20):  # the decode takes one token of each step's budget of 16
+        run_step(sched)
+        assert sched.num_queued_prompt_tokens() == left
+    sched.add(make_seq("next", 7))
+    assert sched.num_queued_prompt_tokens() == 20 + 7
+
+
 def test_decodes_are_scheduled_before_new_prefills():
     sched = make_scheduler(budget=8)
     sched.add(make_seq("a", 5))
