@@ -8,8 +8,8 @@ scaled down drains it instead of dropping it):
      not cache, and the ``Reservation`` is the stream's first item; or
      ``WorkerBusy`` (back-pressure) is raised when the pool cannot hold it.
   2. awaiting KV: the caller has the prefill worker write the prompt's KV into
-     those blocks; the NIXL notification ``[req_id, first_token]`` ends the wait
-     (bounded by ``kv_wait_timeout_s``).
+     those blocks by the reservation's ``write_by``; the NIXL notification
+     ``[transfer_id, first_token]`` ends the wait (bounded by ``kv_wait_timeout_s``).
   3. running: the sequence joins the continuous batch with its first token and
      decodes one token per step; its ``OutputChunk``s stream back on this call,
      or, when the call names a ``feed_id``, on the ingress's token feed (one item
@@ -19,11 +19,15 @@ scaled down drains it instead of dropping it):
      prefix cache).
 
 Letting go, whatever the moment the caller leaves: a stream that ends without
-finishing (cancelled, timed out, failed) frees its reservation or aborts its
+finishing (cancelled, timed out, failed) lets go of its reservation or aborts its
 sequence itself, in a task of its own that a second cancellation cannot
-interrupt; the router also sends ``release``/``abort`` (detached from the
-cancelled HTTP request, see ``splitserve.cleanup``); and a reservation made with
-``reserve`` that nobody claims within ``reservation_ttl_s`` is freed by the reaper.
+interrupt; the router also sends ``abort`` (detached from the cancelled HTTP
+request, see ``splitserve.cleanup``); and a reservation that nobody claims within
+``reservation_ttl_s`` is let go by the reaper. A reservation let go while a
+prefill worker may still be writing into it is *fenced*, not freed: its blocks
+come back when that worker's notification (its KV, or ``VOID_TOKEN``) arrives,
+when the router's abort says no write was asked for, or after ``write_by``
+(``splitserve.decode.kv_landings``).
 
 Whole requests (``generate``, ``resume``) come from ``EngineWorker``: with role
 "both" this is an aggregated worker; a decode worker serves them when no
@@ -41,6 +45,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from splitserve.decode.kv_landings import Landings, LetGo
 from splitserve.engine.block_pool import NoFreeBlocks
 from splitserve.worker_base import EngineWorker, WorkerBusy
 from splitserve.worker_messages import GenerateRequest, OutputChunk, Reservation
@@ -61,32 +66,49 @@ class DecodeWorker(EngineWorker):
     def __init__(self, *args: Any, role: str = "decode", **kwargs: Any):
         self.role = role  # before the base class names the worker after it
         super().__init__(*args, **kwargs)
-        self._reserved_at: dict[str, float] = {}
-        self._arrived: dict[str, tuple[int, float]] = {}  # req_id -> (first token, arrival time)
-        self._waiters: dict[str, asyncio.Future] = {}
+        self._landings = Landings()
+        self._waiters: dict[str, asyncio.Future] = {}  # transfer id -> the stream waiting for its KV
         self._poller: asyncio.Task | None = None
         self._cleanups: set[asyncio.Task] = set()
 
     # ---- reservations ------------------------------------------------------------
     async def reserve(self, req_id: str, num_prompt_tokens: int) -> list[int]:
         """Set aside fresh blocks for an ``num_prompt_tokens``-token prompt (no prefix reuse)."""
-        return await self._reserve(req_id, num_prompt_tokens, lambda: self.engine.reserve_blocks(req_id, num_prompt_tokens))
+        return (await self._reserve(req_id, num_prompt_tokens, lambda: self.engine.reserve_blocks(req_id, num_prompt_tokens)))[0]
 
     async def release(self, req_id: str) -> bool:
-        self._reserved_at.pop(req_id, None)
-        self._arrived.pop(req_id, None)
-        return await self.aengine.call(lambda: self.engine.release_reservation(req_id))
+        """Free ``req_id``'s reservation now: nobody was asked to write into it."""
+        return await self._let_go_reservation(req_id, self._landings.transfer_id(req_id))
 
-
-    async def _reserve(self, req_id: str, num_prompt_tokens: int, reserve: Callable[[], T]) -> T:
-        """Run an engine reservation between steps, turn a full pool into ``WorkerBusy``, start the reaper."""
+    async def _reserve(
+        self, req_id: str, num_prompt_tokens: int, reserve: Callable[[], T], transfer_id: str | None = None,
+    ) -> tuple[T, str]:
+        """Run an engine reservation between steps, turn a full pool into ``WorkerBusy``, open its landing (its
+        transfer id is returned with the result) and start the poller."""
         try:
             result = await self.aengine.call(reserve)
         except NoFreeBlocks as e:
             raise WorkerBusy(f"decode worker {self.worker_id} has no room for {num_prompt_tokens} prompt tokens: {e}") from e
-        self._reserved_at[req_id] = time.monotonic()
+        tid = self._landings.open(req_id, time.monotonic(), self.options.kv_wait_timeout_s, transfer_id)
         self._ensure_poller()
-        return result
+        return result, tid
+
+    async def _let_go_reservation(self, req_id: str, settled_tid: str | None) -> bool:
+        """Free ``req_id``'s open reservation, or fence it while a write into it may land (``kv_landings``);
+        ``settled_tid`` names a reservation no write into can land (its fence, if any, ends now)."""
+        unfenced = bool(settled_tid) and self._landings.unfence(settled_tid)
+        if unfenced:
+            await self.aengine.call(lambda: self.engine.release_reservation(settled_tid))
+        decided = self._landings.let_go(req_id, settled_tid)
+        if decided is None:
+            return unfenced
+        tid, action = decided
+        if action is LetGo.RELEASE:
+            return await self.aengine.call(lambda: self.engine.release_reservation(req_id))
+        logger.info("keeping the blocks of %s until its prefill worker is done writing", tid)
+        await self.aengine.call(lambda: self.engine.rename_reservation(req_id, tid))
+        self._ensure_poller()
+        return True
 
     # ---- KV arrival ----------------------------------------------------------------
     def _ensure_poller(self) -> None:
@@ -94,54 +116,71 @@ class DecodeWorker(EngineWorker):
             self._poller = asyncio.get_running_loop().create_task(self._poll_notifications(), name="kv-notifications")
 
     async def _poll_notifications(self) -> None:
-        """Drain NIXL notifications while reservations are open; reap stale ones."""
-        while self._reserved_at or self._waiters:
+        """Drain NIXL notifications while reservations are open or fenced; free fences that ended, reap stale ones."""
+        while len(self._landings) or self._waiters:
             for _peer, msg in self.agent.get_notifications():
                 try:
-                    req_id, first_token = msgpack.unpackb(msg)
+                    tid, token = msgpack.unpackb(msg)
+                    tid, token = str(tid), int(token)
                 except Exception:
                     logger.warning("ignoring malformed KV notification %r", msg[:64])
                     continue
-                waiter = self._waiters.pop(req_id, None)
+                landing = self._landings.notified(tid, token)
+                if landing is None:
+                    continue
+                if landing.fenced:
+                    await self.aengine.call(lambda tid=tid: self.engine.release_reservation(tid))
+                    continue
+                waiter = self._waiters.pop(tid, None)
                 if waiter is not None and not waiter.done():
-                    waiter.set_result(int(first_token))
-                elif req_id in self._reserved_at:
-                    self._arrived[req_id] = (int(first_token), time.monotonic())
+                    if landing.void:
+                        waiter.set_exception(KVNotArrived(f"the prefill of {landing.req_id} ended without writing its KV"))
+                    else:
+                        waiter.set_result(landing.first_token)
             now = time.monotonic()
-            for req_id, t in list(self._reserved_at.items()):
-                if now - t > self.options.reservation_ttl_s and req_id not in self._waiters:
-                    logger.warning("freeing reservation of %s: unclaimed for %.0f s", req_id, now - t)
-                    await self.release(req_id)
+            for tid in self._landings.expired(now):
+                await self.aengine.call(lambda tid=tid: self.engine.release_reservation(tid))
+            for req_id in self._landings.unclaimed(now, self.options.reservation_ttl_s):
+                if self._landings.transfer_id(req_id) not in self._waiters:
+                    logger.warning("freeing reservation of %s: unclaimed for over %.0f s", req_id, self.options.reservation_ttl_s)
+                    await self._let_go_reservation(req_id, None)
             await asyncio.sleep(NOTIF_POLL_S)
 
-    async def _wait_kv(self, req_id: str, timeout_s: float) -> int:
-        if req_id in self._arrived:
-            return self._arrived.pop(req_id)[0]
+    async def _wait_kv(self, tid: str, timeout_s: float) -> int:
+        landing = self._landings.get(tid)
+        if landing is not None and landing.writer_done:
+            if landing.void:
+                raise KVNotArrived(f"the prefill of {landing.req_id} ended without writing its KV")
+            return landing.first_token
         fut = asyncio.get_running_loop().create_future()
-        self._waiters[req_id] = fut
+        self._waiters[tid] = fut
         self._ensure_poller()
         try:
             return await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError as e:
-            raise KVNotArrived(f"KV for {req_id} did not arrive within {timeout_s:.1f} s") from e
+            raise KVNotArrived(f"KV for {tid.partition('#')[0]} did not arrive within {timeout_s:.1f} s") from e
         finally:
-            self._waiters.pop(req_id, None)
+            self._waiters.pop(tid, None)
 
     # ---- generation --------------------------------------------------------------
-    async def serve_prefilled(self, req: GenerateRequest, feed_id: str | None = None) -> AsyncIterator[Reservation | OutputChunk]:
-        """Reserve blocks for ``req``'s prompt (the first item: a ``Reservation``; the leading blocks this worker
-        already caches are reused and never written into), wait for its KV, then stream its ``OutputChunk``s
-        (here, or on the token feed ``feed_id``)."""
+    async def serve_prefilled(
+        self, req: GenerateRequest, feed_id: str | None = None, transfer_id: str | None = None,
+    ) -> AsyncIterator[Reservation | OutputChunk]:
+        """Reserve blocks for ``req``'s prompt (the first item: a ``Reservation``, named ``transfer_id`` when the
+        caller chose the name; the leading blocks this worker already caches are reused and never written into),
+        wait for its KV, then stream its ``OutputChunk``s (here, or on the token feed ``feed_id``)."""
         req_id, prompt = req.req_id, req.prompt_token_ids
-        k, blocks = await self._reserve(req_id, len(prompt), lambda: self.engine.reserve_prompt(req_id, prompt))
+        reserve = lambda: self.engine.reserve_prompt(req_id, prompt)  # noqa: E731
+        (k, blocks), tid = await self._reserve(req_id, len(prompt), reserve, transfer_id)
+        write_by = time.time() + self.options.kv_wait_timeout_s  # the writer's clock; the landing has ours
         self.num_requests += 1
         start = time.monotonic()
         self.meters.on_arrival(start, len(prompt))
         finished = streaming = False
         try:
-            yield Reservation(k, blocks)
-            first_token = await self._wait_kv(req_id, self.options.kv_wait_timeout_s)
-            self._reserved_at.pop(req_id, None)
+            yield Reservation(k, blocks, tid, write_by)
+            first_token = await self._wait_kv(tid, self.options.kv_wait_timeout_s)
+            self._landings.claim(req_id)
             add = lambda: self.engine.add_prefilled_request(req_id, prompt, first_token, req.params, priority=req.priority)  # noqa: E731
             streaming = True  # from here ``_stream`` counts a failure
             async for chunk in self._stream(req_id, add, start, feed_id, req.params.stream_interval):
@@ -155,19 +194,21 @@ class DecodeWorker(EngineWorker):
             if not finished:
                 await self._release_detached(req_id)
 
-    async def _release_detached(self, req_id: str) -> None:
-        """Free ``req_id``'s reservation (or abort its sequence) in a task of its own that a cancellation of the
+    async def _release_detached(self, req_id: str) -> bool:
+        """Let go of ``req_id``'s reservation (or abort its sequence) in a task of its own that a cancellation of the
         caller cannot stop; the caller waits for it unless it is cancelled once more."""
-        task = asyncio.get_running_loop().create_task(self._let_go(req_id), name=f"let-go-{req_id}")
+        task = asyncio.get_running_loop().create_task(self._let_go(req_id, None), name=f"let-go-{req_id}")
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
 
-    async def _let_go(self, req_id: str) -> bool:
-        if await self.release(req_id):
+    async def _let_go(self, req_id: str, settled_tid: str | None) -> bool:
+        if await self._let_go_reservation(req_id, settled_tid):
             return True
         return await self.aengine.abort(req_id)  # admitted already: AsyncEngine.stream aborts it too; this is idempotent
 
-    async def abort(self, req_id: str) -> bool:
-        """Free whatever ``req_id`` holds here: its reservation (KV not arrived yet) or its running sequence."""
-        return await self._let_go(req_id)
+    async def abort(self, req_id: str, settled_transfer_id: str | None = None) -> bool:
+        """Free whatever ``req_id`` holds here: its running sequence, or its reservation (KV not arrived yet), once no
+        write into it can land any more; at once if it is ``settled_transfer_id`` (the caller asked no prefill worker
+        to write into it, or the write completed)."""
+        return await self._let_go(req_id, settled_transfer_id)

@@ -224,6 +224,14 @@ class LLMEngine:
         self.pool.free(blocks)
         return True
 
+    def rename_reservation(self, req_id: str, new_id: str) -> bool:
+        """Keep ``req_id``'s reserved blocks under ``new_id`` (its name is free again for a new reservation)."""
+        if req_id not in self._reserved or new_id in self._reserved or new_id in self._seqs:
+            return False
+        self._reserved[new_id] = self._reserved.pop(req_id)
+        self._reserved_cached[new_id] = self._reserved_cached.pop(req_id, 0)
+        return True
+
     def add_prefilled_request(
         self, req_id: str, prompt_ids: Seq[int], first_token: int, params: SamplingParams, *, priority: int = 0,
         arrival_time: float | None = None,

@@ -9,15 +9,20 @@ Request lifecycle on this worker:
      token budget (chunked when long, cached prefix blocks skipped) and samples
      the first token; the request's blocks are *held* (not freed) at the end.
   3. transferring: one NIXL WRITE of the prompt's remaining blocks into the decode
-     worker's blocks, carrying a notification ``[req_id, first_token]``;
-     bounded by ``transfer_timeout_s``.
+     worker's blocks, carrying a notification ``[transfer_id, first_token]``;
+     bounded by ``transfer_timeout_s`` and by the reservation's ``write_by`` (none
+     starts after it: the decode worker may have reused the blocks).
   4. done: the held blocks are released (they stay as prefix cache) and a
      ``PrefillResult`` (first token, timings) goes back to the caller. On any
-     failure or cancellation the blocks are released too and the error propagates.
+     failure or cancellation the blocks are released too and the error propagates;
+     unless a write may still land, the decode worker is told ``[transfer_id,
+     VOID_TOKEN]`` first, so it can reuse its reserved blocks at once
+     (``splitserve.decode.kv_landings``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 
@@ -25,7 +30,9 @@ import msgpack
 
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.worker_base import EngineWorker
-from splitserve.worker_messages import PrefillRequest, PrefillResult
+from splitserve.worker_messages import VOID_TOKEN, PrefillRequest, PrefillResult
+
+logger = logging.getLogger(__name__)
 
 
 class PrefillFailed(RuntimeError):
@@ -37,8 +44,20 @@ def prefill_only(params: SamplingParams) -> SamplingParams:
     return replace(params, max_tokens=1, stop=[], stop_token_ids=[], ignore_eos=True)
 
 
+class ReservationExpired(RuntimeError):
+    """The decode worker's reservation passed its ``write_by`` before the KV was ready: writing now could land in
+    blocks it has given to another request."""
+
+
 class PrefillWorker(EngineWorker):
     role = "prefill"
+
+    def _say_void(self, decode_worker_id: str, tid: str) -> None:
+        """Tell the decode worker that no write into reservation ``tid`` will land (it may reuse the blocks)."""
+        try:
+            self.agent.send_notification(decode_worker_id, msgpack.packb([tid, VOID_TOKEN]))
+        except Exception as e:  # an unknown or unreachable peer: its fence ends at write_by
+            logger.warning("could not tell %s that %s is void: %r", decode_worker_id, tid, e)
 
     async def prefill(self, msg: PrefillRequest) -> PrefillResult:
         """Prefill ``msg.req`` and write its KV into ``msg.decode_worker_id``'s reserved blocks."""
@@ -47,7 +66,8 @@ class PrefillWorker(EngineWorker):
         self.num_requests += 1
         t0 = time.monotonic()
         self.meters.on_arrival(t0, len(prompt_ids))
-        final = None
+        final = handle = None
+        tid = reservation.transfer_id or req_id
         try:
             async for out in self.aengine.generate(req_id, prompt_ids, prefill_only(req.params), priority=req.priority, keep_kv=True):
                 final = out
@@ -64,11 +84,16 @@ class PrefillWorker(EngineWorker):
             dst = reservation.block_ids[: num_blocks - skip]
             if len(dst) < num_blocks - skip:
                 raise ValueError(f"decode worker reserved {len(dst)} blocks, the prompt needs {num_blocks - skip} more")
-            handle = self.agent.write_blocks(msg.decode_worker_id, src, dst, msgpack.packb([req_id, first_token]))
+            time_left_s = reservation.write_by - time.time()  # the decode worker reuses the blocks after write_by
+            if time_left_s <= 0:
+                raise ReservationExpired(f"the reservation for {req_id} expired {-time_left_s:.1f} s before its KV was ready")
+            handle = self.agent.write_blocks(msg.decode_worker_id, src, dst, msgpack.packb([tid, first_token]))
             try:
-                await self.agent.wait_async(handle, self.options.transfer_timeout_s)
+                await self.agent.wait_async(handle, min(self.options.transfer_timeout_s, time_left_s))
             except BaseException:
                 self.agent.cancel(handle, "prefill request ended before its transfer")
+                if not handle.may_still_land:
+                    handle = None  # nothing of it can land any more: the decode worker may have the blocks back
                 raise
             transfer_s = time.monotonic() - t0 - prefill_s
             self.transfer_bytes += handle.num_bytes
@@ -76,6 +101,8 @@ class PrefillWorker(EngineWorker):
             self.meters.on_first_token(time.monotonic(), prefill_s + transfer_s)
         except BaseException:
             self.num_failed += 1
+            if handle is None:  # no write was started, or it was cancelled: say so, or D keeps the blocks until write_by
+                self._say_void(msg.decode_worker_id, tid)
             raise
         finally:
             await self.aengine.call(lambda: self.engine.release_kv(req_id))

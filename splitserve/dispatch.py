@@ -17,7 +17,11 @@ Failures before the stream are raised as ``RetryableError`` (the router picks
 another pair). Every remote call is bounded by a timeout. Nothing leaks: a
 reservation whose answer never came, or whose prefill failed, is released; a
 stream that ends before its last chunk (the client left, the request was
-cancelled, the worker failed) aborts the request on its worker. Those cleanup
+cancelled, the worker failed) aborts the request on its worker. The abort names
+the reservation (by the transfer id the router gave it) when no write into it can
+land, so the decode worker frees it at once; otherwise the decode worker keeps
+the blocks until the prefill worker is done with them
+(``splitserve.decode.kv_landings``). Those cleanup
 calls go through the ``Janitor``: detached from the cancellation that caused
 them, so they land even when Ray Serve cancels everything the HTTP request
 started. A worker found dead gets no cleanup call (there is nothing left to
@@ -32,12 +36,13 @@ import logging
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from splitserve.cleanup import Janitor
 from splitserve.feed_reader import FeedEnded, FeedReaders, Subscription, cancel_call
 from splitserve.worker_messages import GenerateRequest, OutputChunk, PrefillRequest, PrefillResult, Reservation, ResumeRequest
-from splitserve.failures import WorkerDied, describe, is_worker_death
+from splitserve.failures import WorkerDied, describe, is_worker_death, never_reached_worker
 from splitserve.metrics import Metrics
 from splitserve.scheduler import PairDecision, QueueWaitEstimator, WorkerBusy
 from splitserve.scheduler.worker_registry import WorkerRegistry
@@ -111,7 +116,7 @@ class Dispatcher:
                 method = "generate"
             else:
                 method = "serve_prefilled"
-        on_first = None if method != "serve_prefilled" else (lambda r: self._prefill(p_id, d_id, msg, r, req.tenant))
+        on_first = None if method != "serve_prefilled" else (lambda r, w: self._prefill(p_id, d_id, msg, r, w, req.tenant))
         compute_s = 0.0
         try:
             async with contextlib.aclosing(self._remote_stream(d, method, msg, req_id, d_id, on_first)) as chunks:
@@ -139,21 +144,28 @@ class Dispatcher:
             raise WorkerDied(f"{worker_id} died while this call waited for it")
         raise asyncio.TimeoutError()
 
-    async def _prefill(self, p_id: str, d_id: str, req: GenerateRequest, reservation: Reservation, tenant: str | None) -> int:
-        """Have P prefill ``req`` into D's reserved blocks; returns the first token (``RetryableError`` on failure)."""
+    async def _prefill(
+        self, p_id: str, d_id: str, req: GenerateRequest, reservation: Reservation, write: KVWrite, tenant: str | None,
+    ) -> int:
+        """Have P prefill ``req`` into D's reserved blocks; returns the first token (``RetryableError`` on failure).
+        ``write`` records whether P was asked to write into the blocks, and whether it is done."""
         self.metrics.routed.labels(d_id, "decode").inc()
         self.metrics.routed.labels(p_id, "prefill").inc()
         self._dispatched(p_id, len(req.prompt_token_ids))
         call = None
         try:
             # P may have left while D reserved (a scale-down): that is P's failure, retried elsewhere, not D's
-            call = self.registry.handle(p_id).prefill.remote(PrefillRequest(req, d_id, reservation))
+            handle = self.registry.handle(p_id)
+            write.asked = True
+            call = handle.prefill.remote(PrefillRequest(req, d_id, reservation))
             result: PrefillResult = await self._unless_dead(p_id, call, self.prefill_timeout_s)
+            write.done = True
         except BaseException as e:
             if call is not None:
                 cancel_call(call)
             if not isinstance(e, Exception):
                 raise
+            write.done = is_worker_death(e) or never_reached_worker(e)  # then P writes nothing (more)
             self.note_failure(p_id, e)
             raise RetryableError("prefill_failed", p_id, e, self.prefill_timeout_s) from e
         self.metrics.charge_compute(tenant, "prefill", result.compute_s)
@@ -165,16 +177,20 @@ class Dispatcher:
 
     async def _remote_stream(
         self, handle: Any, method: str, msg: Any, req_id: str, worker_id: str,
-        on_first: Callable[[Reservation], Awaitable[int]] | None = None,
+        on_first: Callable[[Reservation, KVWrite], Awaitable[int]] | None = None,
     ) -> AsyncIterator[OutputChunk]:
         """Start ``method`` on one worker with this ingress's feed and yield the request's chunks from the feed.
         With ``on_first`` the call opens with a ``Reservation``, handed to ``on_first`` (the prefill), whose first
         token the first chunk must carry. Whatever ends the stream early, the request is aborted on the worker
         (unless it died), which also frees a reservation."""
         inbox = self.feeds.subscribe(worker_id, handle, req_id)  # before the call: no chunk can come first
-        call = getattr(self._streaming(handle), method).remote(msg, self.feeds.feed_id)
+        # a reservation's transfer id is ours: we can name it in the abort even if the reservation never reached us
+        transfer_id = f"{req_id}#{uuid.uuid4().hex[:12]}" if on_first is not None else None
+        args = (msg, self.feeds.feed_id) if transfer_id is None else (msg, self.feeds.feed_id, transfer_id)
+        call = getattr(self._streaming(handle), method).remote(*args)
         finished = died = False
         watcher = None
+        write = KVWrite()
         try:
             if on_first is not None:
                 try:
@@ -184,7 +200,7 @@ class Dispatcher:
                     self.note_failure(worker_id, e)
                     reason = "decode_busy" if isinstance(e, WorkerBusy) else "reserve_failed"
                     raise RetryableError(reason, worker_id, e, self.call_timeout_s) from e
-                first_token = await on_first(reservation)
+                first_token = await on_first(reservation, write)
             watcher = asyncio.ensure_future(_watch(call, inbox, worker_id))
             while not finished:
                 chunk = await inbox.get()
@@ -208,11 +224,26 @@ class Dispatcher:
             if not finished:
                 cancel_call(call)
                 if not died:
-                    await self.abort(handle, worker_id, req_id)
+                    await self.abort(handle, worker_id, req_id, transfer_id if write.settled else None)
 
-    async def abort(self, handle: Any, worker_id: str, req_id: str) -> None:
-        """Free everything ``req_id`` holds on the worker (its reservation or its sequence), detached from the caller."""
-        await self.janitor.run("abort", f"{req_id} on {worker_id}", lambda: _as_awaitable(handle.abort.remote(req_id)))
+    async def abort(self, handle: Any, worker_id: str, req_id: str, settled_transfer_id: str | None = None) -> None:
+        """Free everything ``req_id`` holds on the worker (its reservation or its sequence), detached from the caller.
+        ``settled_transfer_id``: its reservation, when no write into it can land (the worker frees it at once)."""
+        args = (req_id,) if settled_transfer_id is None else (req_id, settled_transfer_id)
+        await self.janitor.run("abort", f"{req_id} on {worker_id}", lambda: _as_awaitable(handle.abort.remote(*args)))
+
+
+@dataclass(slots=True)
+class KVWrite:
+    """One attempt's prefill write into a decode worker's reservation, as far as the router knows."""
+
+    asked: bool = False  # the prefill worker was called (it may be writing)
+    done: bool = False  # it can no longer write: its write completed, or it died
+
+    @property
+    def settled(self) -> bool:
+        """No write into the reservation can land any more (none was asked for, or it completed)."""
+        return not self.asked or self.done
 
 
 async def _watch(call: Any, inbox: Subscription, worker_id: str) -> None:

@@ -41,6 +41,12 @@ class WorkerLeft(LookupError):
     """The worker is no longer a member: Serve scaled it down or replaced it after the request was paired with it."""
 
 
+def never_reached_worker(e: BaseException) -> bool:
+    """True when the call failed before the worker got it: the replica it was steered to had left (Serve's
+    router refused it) or the worker was no longer a member when the call was made."""
+    return any(cls.__name__ in ("ReplicaGone", "WorkerLeft") for cls in type(_unwrap(e)).__mro__)
+
+
 def is_worker_death(e: BaseException) -> bool:
     """True when ``e`` says the worker's process died or cannot be reached (not that the request was bad)."""
     return any(cls.__name__ in _DEATH_ERRORS for cls in type(e).__mro__)

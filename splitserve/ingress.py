@@ -331,7 +331,7 @@ def build_http_app(core: IngressCore) -> FastAPI:
     async def models() -> dict:
         return oai.models_list([core.served_name])  # other accepted names (the checkpoint path) are not advertised
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers' probes use either
     async def health() -> Response:
         core.registry.start()
         healthy = core.registry.healthy_ids()

@@ -23,6 +23,11 @@ from splitserve.engine.outputs import RequestOutput
 from splitserve.engine.sampling_params import SamplingParams
 
 
+# a prefill worker's KV notification is msgpack ``[transfer_id, first_token]``; this token says "no write into that
+# reservation will land" (the prefill failed or was cancelled: the decode worker may reuse the blocks)
+VOID_TOKEN = -1
+
+
 @dataclass(slots=True)
 class GenerateRequest:
     """One request for a worker: stream it whole (``generate``), or decode it once its KV arrived (``serve_prefilled``)."""
@@ -36,10 +41,13 @@ class GenerateRequest:
 @dataclass(slots=True)
 class Reservation:
     """A decode worker's blocks for an incoming prompt: the prefill worker writes the prompt's blocks from
-    ``num_cached_blocks`` on (the leading ones it already caches) into ``block_ids``."""
+    ``num_cached_blocks`` on (the leading ones it already caches) into ``block_ids``, by ``write_by``, and
+    notifies ``transfer_id`` (``splitserve.decode.kv_landings``)."""
 
     num_cached_blocks: int
     block_ids: list[int]
+    transfer_id: str = ""  # names this reservation in the writer's notification ("": the request id)
+    write_by: float = float("inf")  # wall-clock time (time.time()) after which no write may start or go on
 
 
 @dataclass(slots=True)

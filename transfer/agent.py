@@ -344,6 +344,7 @@ class KVTransferAgent:
                 xfer.release()
             except Exception as e:  # NIXL could not cancel it yet; retry on later polls
                 logger.warning("releasing NIXL request of %s failed: %r", handle.describe(), e)
+                handle.may_still_land = status is not TransferStatus.DONE
                 with self._lock:
                     self._unreleased.append(xfer)
 

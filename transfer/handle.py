@@ -51,6 +51,7 @@ class TransferHandle:
     num_descs: int = 0
     finished_at: float | None = None
     error: str | None = None
+    may_still_land: bool = False  # it failed or was cancelled, but the backend could not cancel its request: data may land
     _xfer: Any = field(default=None, repr=False)
     _status: TransferStatus = field(default=TransferStatus.PENDING, repr=False)
     _is_posted: bool = field(default=False, repr=False)

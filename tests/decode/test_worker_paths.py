@@ -10,6 +10,8 @@ import time
 import pytest
 
 from splitserve.decode.worker import KVNotArrived
+from splitserve.prefill.worker import ReservationExpired
+from splitserve.worker_base import WorkerBusy
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.worker_messages import GenerateRequest, PrefillRequest, Reservation
 from tests.splitserve.conftest import make_decode, make_prefill, stop_workers, worker_is_idle
@@ -66,7 +68,7 @@ def test_reaper_frees_a_reservation_nobody_claims(aio, pair):
 
     async def run():
         await d.reserve("orphan", len(PROMPT))  # reserved, and then nobody came
-        assert "orphan" in d._reserved_at
+        assert d._landings.transfer_id("orphan") is not None
         assert await wait_idle(d, 3.0), "the reaper never freed the unclaimed reservation"
         assert d.engine.pool.num_free_blocks == d.engine.pool.num_blocks
 
@@ -89,12 +91,16 @@ def test_the_stream_starts_from_the_token_the_prefill_sampled(aio, pair):
 
 
 def test_a_stream_cancelled_twice_while_waiting_for_kv_still_lets_go(aio, tiny_model):
-    """The worker frees the reservation itself, in a task a second cancellation cannot interrupt."""
+    """The worker lets go of the reservation itself, in a task a second cancellation cannot interrupt: the blocks
+    are fenced (a prefill worker may be writing into them), and the router's abort, which knows nobody was asked
+    to write, frees them at once: it names the reservation by the transfer id it chose (it may never have
+    received the reservation)."""
     d = make_decode(tiny_model, "decode-cancel", kv_wait_timeout_s=30.0, reservation_ttl_s=300.0)
 
     async def run():
-        stream = d.serve_prefilled(request("gone"))
-        assert isinstance(await stream.__anext__(), Reservation)
+        stream = d.serve_prefilled(request("gone"), None, "gone#router-chosen")
+        reservation = await stream.__anext__()
+        assert reservation.transfer_id == "gone#router-chosen"
         task = asyncio.ensure_future(drain(stream))
         await asyncio.sleep(0.05)
         task.cancel()
@@ -102,7 +108,14 @@ def test_a_stream_cancelled_twice_while_waiting_for_kv_still_lets_go(aio, tiny_m
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await wait_idle(d, 2.0), "the cancelled stream left its reservation to the 300 s reaper"
+        await asyncio.sleep(0.1)
+        landing = d._landings.get(reservation.transfer_id)
+        assert landing is not None and landing.fenced, "the cancelled stream neither fenced nor kept its reservation"
+        assert d.engine.num_blocks_in_flight() == 3
+        assert not await d.abort("gone", "gone#another-attempt")  # not this reservation: it stays fenced
+        assert d.engine.num_blocks_in_flight() == 3
+        assert await d.abort("gone", "gone#router-chosen")
+        assert await wait_idle(d, 2.0), "the router's abort did not free the fenced reservation"
 
     try:
         aio.run(run())
@@ -122,3 +135,65 @@ def test_prefix_report_is_capped_by_the_option(aio, tiny_model):
         aio.run(run())
     finally:
         aio.run(stop_workers([d]))
+
+
+@pytest.fixture
+def tight_pair(aio, tiny_model):
+    """A decode worker with room for one 40-token prompt and one more block, and a prefill worker that knows it."""
+    p = make_prefill(tiny_model, "prefill-late")
+    d = make_decode(tiny_model, "decode-tight", num_kv_blocks=4, kv_wait_timeout_s=30.0, reservation_ttl_s=300.0)
+    aio.run(p.add_peers([aio.run(d.agent_info())]))
+    yield p, d
+    aio.run(stop_workers([p, d]))
+
+
+async def abandon(d, req: GenerateRequest) -> Reservation:
+    """Reserve for ``req``, then leave (the client hung up) before its KV came: D lets go by itself."""
+    stream = d.serve_prefilled(req)
+    reservation = await stream.__anext__()
+    task = asyncio.ensure_future(drain(stream))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return reservation
+
+
+def test_a_write_that_lands_after_the_request_left_never_lands_in_another_requests_blocks(aio, tight_pair):
+    """The request leaves while its prefill worker, which did not hear of it, still prefills: its write comes later.
+    The decode worker must not have given those blocks to another request in between (they were freed at once
+    before: the late write overwrote the new owner's KV)."""
+    p, d = tight_pair
+
+    async def run():
+        req = request("left")
+        reservation = await abandon(d, req)
+        with pytest.raises(WorkerBusy):  # 1 block free: the abandoned reservation's 3 are fenced, not reusable
+            await d.reserve("next", len(PROMPT))
+        result = await p.prefill(PrefillRequest(req, "decode-tight", reservation))  # the late write lands
+        assert result.transfer_bytes > 0
+        assert await wait_idle(d, 2.0), "the write's notification did not end the fence"
+        blocks = await d.reserve("next", len(PROMPT))
+        assert len(blocks) == 3
+        assert await d.release("next") and await wait_idle(d, 1.0)
+
+    aio.run(run())
+
+
+def test_a_prefill_worker_writes_nothing_after_write_by_and_says_so(aio, tight_pair):
+    """Past the reservation's ``write_by`` the decode worker may reuse the blocks: the prefill worker refuses to
+    write, and its void word ends the decode worker's fence at once."""
+    p, d = tight_pair
+
+    async def run():
+        req = request("late")
+        reservation = await abandon(d, req)
+        expired = Reservation(reservation.num_cached_blocks, reservation.block_ids, reservation.transfer_id, time.time() - 1.0)
+        sent = p.transfer_bytes
+        with pytest.raises(ReservationExpired, match="expired"):
+            await p.prefill(PrefillRequest(req, "decode-tight", expired))
+        assert p.transfer_bytes == sent  # nothing was written
+        assert await wait_idle(d, 2.0), "the void word did not end the fence"
+        assert await wait_idle(p, 1.0)
+
+    aio.run(run())

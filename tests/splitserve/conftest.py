@@ -80,7 +80,7 @@ def worker_is_idle(w: EngineWorker) -> bool:
         not e.has_unfinished_requests()
         and e.pool.num_free_blocks == e.pool.num_blocks
         and e.num_blocks_in_flight() == 0
-        and not getattr(w, "_reserved_at", None)
+        and not len(getattr(w, "_landings", ()))
         and not getattr(w, "_waiters", None)
         and w.agent.num_live_handles == 0
     )
@@ -96,7 +96,7 @@ async def settle(workers: Iterable[EngineWorker], timeout_s: float = 5.0) -> Non
         assert_no_leaks(w.engine)
         e = w.engine
         assert e.num_blocks_in_flight() == 0, f"{w.worker_id}: reserved {dict(e._reserved)} held {dict(e._held)}"
-        assert not getattr(w, "_reserved_at", None), f"{w.worker_id}: open reservations {w._reserved_at}"
+        assert not len(getattr(w, "_landings", ())), f"{w.worker_id}: open or fenced reservations {w._landings._by_tid}"
         assert w.agent.num_live_handles == 0, f"{w.worker_id}: {w.agent.num_live_handles} NIXL requests not released"
 
 

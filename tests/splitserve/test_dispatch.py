@@ -16,6 +16,7 @@ from splitserve.router import RoutedRequest
 from splitserve.scheduler import PairDecision
 from splitserve.scheduler.directory import Member
 from splitserve.scheduler.worker_registry import WorkerRegistry
+from splitserve.serve_router import ReplicaGone
 from splitserve.worker_messages import OutputChunk, PrefillResult, Reservation, TokenBatch
 from tests.splitserve.conftest import greedy
 
@@ -134,6 +135,8 @@ class Decode:
 
     def __init__(self) -> None:
         self.aborted: list[str] = []
+        self.settled: list[str | None] = []  # the transfer id each abort said no write into can land
+        self.transfer_ids: list[str] = []  # the router's name for each reservation it asked for
         self.prefilled = asyncio.Event()
         self.req_id = None
         self.while_reserving = lambda: None
@@ -146,12 +149,13 @@ class Decode:
         decode = self
 
         class _Call:
-            def remote(self, req, feed_id):
+            def remote(self, req, feed_id, transfer_id):
                 decode.req_id = req.req_id
+                decode.transfer_ids.append(transfer_id)
 
                 async def stream():
                     decode.while_reserving()
-                    yield Reservation(0, [1, 2, 3])
+                    yield Reservation(0, [1, 2, 3], transfer_id)
                     await asyncio.Event().wait()  # decoding: the tokens go on the feed
 
                 return stream()
@@ -178,8 +182,9 @@ class Decode:
         decode = self
 
         class _Abort:
-            async def remote(self, req_id):
+            async def remote(self, req_id, settled_transfer_id=None):
                 decode.aborted.append(req_id)
+                decode.settled.append(settled_transfer_id)
 
         return _Abort()
 
@@ -190,6 +195,16 @@ def paired(decode: Decode, prefill: object) -> tuple[Dispatcher, WorkerRegistry]
     registry = WorkerRegistry(Handles({}))
     registry._members = members
     return Dispatcher(registry, Metrics(), Janitor(timeout_s=1.0), prefill_timeout_s=60, call_timeout_s=30), registry
+
+
+async def attempt_fails(dispatch: Dispatcher, req_id: str, error: type, match: str) -> pytest.ExceptionInfo:
+    """One attempt of a 35-token request on prefill-0 + decode-0 that must fail; its cleanup calls have landed."""
+    req = RoutedRequest(req_id, list(range(5, 40)), greedy(4))
+    with pytest.raises(error, match=match) as info:
+        async for _ in dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test")):
+            pass
+    await asyncio.sleep(0.05)
+    return info
 
 
 def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused():
@@ -207,12 +222,9 @@ def test_a_decode_stream_that_does_not_start_from_the_prefill_token_is_refused()
 
     async def body():
         dispatch, registry = paired(decode, Prefill())
-        req = RoutedRequest("r3", list(range(5, 40)), greedy(4))
-        with pytest.raises(RuntimeError, match="started from token 99, the prefill sampled 7"):
-            async for _ in dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test")):
-                pass
-        await asyncio.sleep(0.05)
+        await attempt_fails(dispatch, "r3", RuntimeError, "started from token 99, the prefill sampled 7")
         assert registry.handle("decode-0").aborted == ["r3"]  # the request is let go on D
+        assert decode.settled == decode.transfer_ids and decode.transfer_ids[0].startswith("r3#")  # P's write completed
 
     asyncio.run(body())
 
@@ -223,13 +235,62 @@ def test_a_prefill_worker_that_leaves_while_the_decode_worker_reserves_is_retrie
     async def body():
         dispatch, registry = paired(decode, object())
         decode.while_reserving = lambda: registry._members.pop("prefill-0")  # what sync() does when P left
-        req = RoutedRequest("r4", list(range(5, 40)), greedy(4))
-        with pytest.raises(RetryableError, match="prefill_failed on prefill-0: WorkerLeft: prefill-0 is no longer serving") as info:
+        info = await attempt_fails(dispatch, "r4", RetryableError, "prefill_failed on prefill-0: WorkerLeft: prefill-0 is no longer serving")
+        assert info.value.worker_id == "prefill-0" and isinstance(info.value.cause, WorkerLeft)
+        assert decode.aborted == ["r4"]  # D's reservation is let go
+        assert decode.settled == decode.transfer_ids  # at once: no prefill worker was asked to write into it
+
+    decode = Decode()
+    asyncio.run(body())
+
+
+def test_an_attempt_abandoned_while_the_prefill_worker_may_be_writing_keeps_the_blocks_fenced():
+    """The client leaves while P prefills (and may be writing into D's blocks): the abort names no settled
+    transfer, so D keeps the blocks until P says it is done (freeing them at once could let P's late write land
+    in another request's KV)."""
+    class SlowPrefill:
+        @property
+        def prefill(self):
+            return self
+
+        async def remote(self, msg):
+            await asyncio.Event().wait()
+
+    async def body():
+        dispatch, _ = paired(decode, SlowPrefill())
+        req = RoutedRequest("r5", list(range(5, 40)), greedy(4))
+
+        async def consume():
             async for _ in dispatch.attempt(req, PairDecision("prefill-0", "decode-0", "test")):
                 pass
-        assert info.value.worker_id == "prefill-0" and isinstance(info.value.cause, WorkerLeft)
+
+        task = asyncio.ensure_future(consume())
         await asyncio.sleep(0.05)
-        assert decode.aborted == ["r4"]  # D's reservation is let go
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)
+        assert decode.aborted == ["r5"] and decode.settled == [None]
+
+    decode = Decode()
+    asyncio.run(body())
+
+
+def test_a_prefill_call_serve_refused_to_route_frees_the_reservation_at_once():
+    """Serve's router refused the call (the pinned replica left): P never got it, so nothing can land in D's
+    blocks and the abort says so (D would otherwise keep them until the reservation's write_by)."""
+    class GonePrefill:
+        @property
+        def prefill(self):
+            return self
+
+        async def remote(self, msg):
+            raise ReplicaGone("prefill-0 left its deployment")
+
+    async def body():
+        dispatch, _ = paired(decode, GonePrefill())
+        await attempt_fails(dispatch, "r6", RetryableError, "prefill_failed on prefill-0")
+        assert decode.aborted == ["r6"] and decode.settled == decode.transfer_ids
 
     decode = Decode()
     asyncio.run(body())

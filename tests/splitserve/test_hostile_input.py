@@ -260,9 +260,9 @@ def test_ray_errors_reach_the_client_without_pid_ip_path_or_actor_id(aio, worker
     def num_outputs(req_id: str) -> int:
         return max((s.num_output_tokens for s in list(D.engine.scheduler.running) if s.req_id == req_id), default=0)
 
-    async def failing(req, feed_id=None):
+    async def failing(req, feed_id=None, transfer_id=None):
         """Fails as a Ray replica's call does once two tokens went out (on the token feed)."""
-        async with contextlib.aclosing(original(req, feed_id)) as chunks:
+        async with contextlib.aclosing(original(req, feed_id, transfer_id)) as chunks:
             yield await chunks.__anext__()  # the reservation
             decoding = asyncio.ensure_future(anext(chunks, None))  # its tokens go on the feed
             try:
@@ -332,3 +332,12 @@ def test_unknown_routes_and_methods_get_openai_shaped_errors(aio, workers, tiny_
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert err["code"] == status and err["message"] and not LEAKS.search(r.text), r.text
+
+
+def test_health_answers_a_head_probe(aio, workers, tiny_model):
+    async def body():
+        async with stack(workers, tiny_model) as s, s.client() as c:
+            return await c.head("/health"), await c.get("/health")
+
+    head, get = aio.run(body())
+    assert head.status_code == get.status_code == 200 and head.content == b""
