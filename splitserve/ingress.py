@@ -331,7 +331,7 @@ def build_http_app(core: IngressCore) -> FastAPI:
     async def models() -> dict:
         return oai.models_list([core.served_name])  # other accepted names (the checkpoint path) are not advertised
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers' probes use either
+    @app.get("/health")
     async def health() -> Response:
         core.registry.start()
         healthy = core.registry.healthy_ids()
@@ -342,6 +342,8 @@ def build_http_app(core: IngressCore) -> FastAPI:
         if state.status != "ok":
             body["detail"] = state.detail
         return JSONResponse(body, status_code=200 if state.is_serving else 503)
+
+    app.head("/health", include_in_schema=False)(health)  # load balancers' probes use HEAD too
 
     @app.get("/metrics")
     async def metrics() -> Response:
