@@ -181,7 +181,7 @@ class AsyncEngine:
 
     async def _abort_quietly(self, req_id: str) -> None:
         try:
-            await self.call(lambda: self.engine.abort_request(req_id))
+            await self.abort(req_id)
         except EngineStopped:
             return  # the engine is gone, and its blocks with it: there is nothing left to abort
         except Exception:  # pragma: no cover - abort must never raise into a finally
@@ -196,6 +196,8 @@ class AsyncEngine:
         return self.stream(req_id, add, coalesce=coalesce)
 
     async def abort(self, req_id: str) -> bool:
+        """Abort ``req_id`` between steps; a step of nothing but requests being aborted is given up at its next layer."""
+        self.engine.stop_soon(req_id)
         return await self.call(lambda: self.engine.abort_request(req_id))
 
 

@@ -27,6 +27,7 @@ from splitserve.engine.batch_scheduler import BatchScheduler, SchedulerOutput
 from splitserve.engine.block_pool import BlockPool, NoFreeBlocks, compute_block_hashes
 from splitserve.engine.config import EngineConfig, resolve_max_model_len
 from splitserve.engine.detokenizer import IncrementalDetokenizer, decoder_for
+from splitserve.engine.model import StepAbandoned
 from splitserve.engine.model_config import ModelConfig
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -76,6 +77,10 @@ class LLMEngine:
         self.busy_s = 0.0  # time spent in steps (forward, sampling, bookkeeping), all of it charged to sequences
         self.num_step_tokens = 0  # tokens computed by steps (prompt chunks and decodes)
         self.decode_step_s = 0.0  # moving average of the time of steps that decoded (the gap between a stream's tokens)
+        self._stopping: set[str] = set()  # requests an abort is on its way for (``stop_soon``, from any thread)
+        self._step_req_ids: list[str] = []  # the requests of the step being run
+        self.num_abandoned_steps = 0
+        self.runner.interrupt = self._step_is_moot
 
     @property
     def prompt_s_per_token(self) -> float:
@@ -270,6 +275,7 @@ class LLMEngine:
 
     def abort_request(self, req_id: str) -> bool:
         """Stop a request and free its blocks (held or reserved ones too); False if there was nothing to stop."""
+        self._stopping.discard(req_id)
         if self.release_reservation(req_id) | self.release_kv(req_id):
             return True
         seq = self._seqs.get(req_id)
@@ -297,8 +303,27 @@ class LLMEngine:
         sched = self.scheduler.schedule(time.monotonic())
         if sched.is_empty:
             return []
-        logits = self.runner.execute(sched)
+        self._step_req_ids = [c.seq.req_id for c in sched.chunks]
+        try:
+            logits = self.runner.execute(sched)
+        except StepAbandoned:
+            # nothing advanced: a sequence in it would compute the same chunk again (each is being aborted anyway)
+            self.num_abandoned_steps += 1
+            self.busy_s += time.perf_counter() - start
+            return []
+        finally:
+            self._step_req_ids = []
         return self._process(sched, logits, start)
+
+    def stop_soon(self, req_id: str) -> None:
+        """An abort of ``req_id`` is on its way (``abort_request`` runs between steps). Safe from any thread: a step
+        running now whose every request is about to be aborted is given up at its next layer, so a long prompt's
+        chunk does not run to its end for a client that left."""
+        self._stopping.add(req_id)
+
+    def _step_is_moot(self) -> bool:
+        stopping = self._stopping
+        return bool(stopping) and bool(self._step_req_ids) and all(r in stopping for r in self._step_req_ids)
 
     def _process(self, sched: SchedulerOutput, logits: torch.Tensor, start: float) -> list[RequestOutput]:
         now = time.monotonic()

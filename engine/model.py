@@ -37,6 +37,7 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,11 @@ def float32_steps_are_faster(weight: torch.Tensor, rows: int = FP32_MIN_TOKENS *
     fp32_s, bf16_s = best(bf16, xf), best(bf16, x)
     logger.info("big-step GEMM probe (%d x %d x %d): float32 %.2f ms, bf16 %.2f ms", rows, weight.shape[1], weight.shape[0], fp32_s * 1e3, bf16_s * 1e3)
     return fp32_s * 1.15 < bf16_s
+
+
+class StepAbandoned(Exception):
+    """The step was given up between two layers: every request in it is being aborted (its partial KV rows lie past
+    the sequences' computed tokens, in blocks not yet hashed, so nothing reads them)."""
 
 
 class Linear:
@@ -198,8 +204,10 @@ class LlamaModel:
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
         logits_indices: torch.Tensor,
+        interrupt: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Run one packed step; returns float32 logits [len(logits_indices), vocab]."""
+        """Run one packed step; returns float32 logits [len(logits_indices), vocab]. ``interrupt`` is asked before each
+        layer (of the op-by-op path): True gives the step up (``StepAbandoned``)."""
         cfg, w = self.config, self.weights
         num_tokens = input_ids.shape[0]
         eps = cfg.rms_norm_eps
@@ -218,6 +226,8 @@ class LlamaModel:
         rows = cache_rows(kv_cache, meta.slot_mapping)  # where the step's K/V go, the same for every layer
         pending = None  # the MLP's output, added to h by the next norm
         for i, (layer, lin) in enumerate(zip(w.layers, self.linears)):
+            if interrupt is not None and interrupt():
+                raise StepAbandoned(f"given up before layer {i}")
             qkv = lin.qkv(add_norm(h, pending, layer.input_norm, eps))
             # q and k sit side by side in qkv: (normalise and) rotate both heads' worth in one pass
             qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, num_qk_heads, cfg.head_dim)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -55,6 +56,7 @@ class ModelRunner:
         if cfg.num_threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.num_threads)
         self.num_threads = torch.get_num_threads()  # for steps of many tokens (prefill)
+        self.interrupt: Callable[[], bool] | None = None  # asked between layers: True gives the step up (StepAbandoned)
         self._small_steps_fixed = cfg.small_step_threads is not None
         self.small_step_threads = cfg.small_step_threads or self.num_threads
         prefer_flash = cfg.attention_backend in ("auto", "flash")
@@ -146,4 +148,4 @@ class ModelRunner:
             threads = self.small_step_threads if input_ids.shape[0] < SMALL_STEP_TOKENS else self.num_threads
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
-        return self.model.forward(input_ids, positions, meta, self.kv_cache, rows)
+        return self.model.forward(input_ids, positions, meta, self.kv_cache, rows, self.interrupt)

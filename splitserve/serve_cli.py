@@ -16,6 +16,7 @@ port of its own). On a cluster the proxy serves the port as before.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -200,6 +201,38 @@ def deploy(cfg, ready_timeout_s: float = 600.0) -> str:
     raise TimeoutError(f"splitserve did not become healthy within {ready_timeout_s:.0f} s (see the Ray logs)")
 
 
+# Serve's ingress replica binds its port without SO_REUSEADDR, so the connections a server that just stopped
+# closed (TIME_WAIT: 60 s on Linux) keep the port from it as surely as a live server does
+PORT_WAIT_S = 70.0
+
+
+def wait_for_port(host: str, port: int, wait_s: float = PORT_WAIT_S) -> None:
+    """Return once ``host:port`` can be bound as Serve's ingress replica binds it (no SO_REUSEADDR). A port in use
+    gets ``wait_s`` to come free (a server stopped a moment ago), then a ValueError naming it: otherwise Serve
+    starts, its ingress replica fails to bind several times over, and the error is a page of tracebacks."""
+    bind_host = "127.0.0.1" if host == "0.0.0.0" else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((bind_host, port))
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"port {port} on {host} is in use (by another server, or by the closed connections of one that "
+                    f"stopped, which Linux keeps for 60 s); stop it, wait, or pass --port",
+                ) from e
+            if not said:
+                print(f"port {port} on {host} is in use (a server that just stopped?); waiting up to {wait_s:.0f} s for it",
+                      file=sys.stderr, flush=True)
+                said = True
+            time.sleep(0.5)
+
+
 def _free_port(host: str) -> int:
     """A port nothing listens on now (for Serve's HTTP proxy, which the ingress replica's own server makes idle)."""
     with socket.socket() as s:
@@ -227,6 +260,8 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_model(cfg)  # a clear error before Ray starts
     cfg.http.resolved_api_key()  # an unreadable or empty key file, too
+    if not os.environ.get("RAY_ADDRESS"):  # a local server: its ingress replica will listen here
+        wait_for_port(cfg.http.host, cfg.http.port)
     start_ray(cfg)
     url = deploy(cfg, args.ready_timeout)
     workers = f"{_shown(cfg.num_prefill)} prefill + {_shown(cfg.num_decode)} decode" if cfg.mode == "disaggregated" else f"{_shown(cfg.num_decode)} aggregated"

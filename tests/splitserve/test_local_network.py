@@ -145,3 +145,26 @@ def test_nixl_moves_kv_and_listens_on_loopback_only_under_the_local_environment(
         assert listening and all(_is_loopback(addr) for addr, _ in listening), listening
     finally:
         child.communicate("\n", timeout=60)
+
+
+def test_a_port_in_use_is_named_before_ray_starts_and_one_coming_free_is_waited_for():
+    """Serve's ingress replica failing to bind shows a page of tracebacks and blocks the port; the CLI checks first
+    (a server stopped a moment ago may still hold the port: it waits for it)."""
+    import socket
+    import threading
+    import time
+
+    from splitserve.serve_cli import wait_for_port
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is in use .*or pass --port"):
+        wait_for_port("127.0.0.1", port, wait_s=0.3)
+    threading.Timer(0.3, holder.close).start()  # a server that is stopping
+    t0 = time.monotonic()
+    wait_for_port("127.0.0.1", port, wait_s=10.0)
+    assert 0.2 < time.monotonic() - t0 < 5.0
+    with pytest.raises(ValueError, match="cannot listen on 203.0.113.77"):  # an address this machine does not have
+        wait_for_port("203.0.113.77", port, wait_s=0.1)
