@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from splitserve.decode.kv_landings import Landings, LetGo
+from splitserve.decode.kv_landings import Landing, Landings, LetGo
 from splitserve.engine.block_pool import NoFreeBlocks
 from splitserve.worker_base import EngineWorker, WorkerBusy
 from splitserve.worker_messages import GenerateRequest, OutputChunk, Reservation
@@ -58,6 +58,10 @@ NOTIF_POLL_S = 0.002
 
 class KVNotArrived(TimeoutError):
     """The prompt's KV did not arrive from the prefill worker in time."""
+
+
+def _no_kv_coming(landing: Landing) -> KVNotArrived:
+    return KVNotArrived(f"the prefill of {landing.req_id} ended without writing its KV")
 
 
 class DecodeWorker(EngineWorker):
@@ -134,7 +138,7 @@ class DecodeWorker(EngineWorker):
                 waiter = self._waiters.pop(tid, None)
                 if waiter is not None and not waiter.done():
                     if landing.void:
-                        waiter.set_exception(KVNotArrived(f"the prefill of {landing.req_id} ended without writing its KV"))
+                        waiter.set_exception(_no_kv_coming(landing))
                     else:
                         waiter.set_result(landing.first_token)
             now = time.monotonic()
@@ -150,7 +154,7 @@ class DecodeWorker(EngineWorker):
         landing = self._landings.get(tid)
         if landing is not None and landing.writer_done:
             if landing.void:
-                raise KVNotArrived(f"the prefill of {landing.req_id} ended without writing its KV")
+                raise _no_kv_coming(landing)
             return landing.first_token
         fut = asyncio.get_running_loop().create_future()
         self._waiters[tid] = fut
@@ -170,9 +174,10 @@ class DecodeWorker(EngineWorker):
         caller chose the name; the leading blocks this worker already caches are reused and never written into),
         wait for its KV, then stream its ``OutputChunk``s (here, or on the token feed ``feed_id``)."""
         req_id, prompt = req.req_id, req.prompt_token_ids
+        # the writer's deadline, taken before the landing opens: it passes before the landing's own (on our clock)
+        write_by = time.time() + self.options.kv_wait_timeout_s
         reserve = lambda: self.engine.reserve_prompt(req_id, prompt)  # noqa: E731
         (k, blocks), tid = await self._reserve(req_id, len(prompt), reserve, transfer_id)
-        write_by = time.time() + self.options.kv_wait_timeout_s  # the writer's clock; the landing has ours
         self.num_requests += 1
         start = time.monotonic()
         self.meters.on_arrival(start, len(prompt))

@@ -309,7 +309,7 @@ class LLMEngine:
         except StepAbandoned:
             # nothing advanced: a sequence in it would compute the same chunk again (each is being aborted anyway)
             self.num_abandoned_steps += 1
-            self.busy_s += time.perf_counter() - start
+            self._charge_sequences(sched, time.perf_counter() - start)
             return []
         finally:
             self._step_req_ids = []
@@ -347,11 +347,16 @@ class LLMEngine:
 
     def _charge(self, sched: SchedulerOutput, elapsed_s: float) -> None:
         """Split a step's time over its sequences by the tokens each computed in it (a decode step: evenly)."""
-        self.busy_s += elapsed_s
         self.num_step_tokens += sched.num_tokens
         self.scheduler.costs.observe(sched.num_tokens - len(sched.decodes), len(sched.decodes), elapsed_s)
         if sched.decodes:
             self.decode_step_s = elapsed_s if not self.decode_step_s else 0.8 * self.decode_step_s + 0.2 * elapsed_s
+        self._charge_sequences(sched, elapsed_s)
+
+    def _charge_sequences(self, sched: SchedulerOutput, elapsed_s: float) -> None:
+        """Busy time, every second of it charged to the step's sequences by the tokens each computed (a step given
+        up too: its time was spent; it does not count as a step's cost, which the latency rules learn from)."""
+        self.busy_s += elapsed_s
         per_token = elapsed_s / max(1, sched.num_tokens)
         for chunk in sched.chunks:
             chunk.seq.compute_s += per_token * chunk.num_new_tokens

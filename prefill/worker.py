@@ -67,7 +67,7 @@ class PrefillWorker(EngineWorker):
         t0 = time.monotonic()
         self.meters.on_arrival(t0, len(prompt_ids))
         final = handle = None
-        tid = reservation.transfer_id or req_id
+        tid = reservation.transfer_id
         try:
             async for out in self.aengine.generate(req_id, prompt_ids, prefill_only(req.params), priority=req.priority, keep_kv=True):
                 final = out

@@ -46,8 +46,8 @@ class Reservation:
 
     num_cached_blocks: int
     block_ids: list[int]
-    transfer_id: str = ""  # names this reservation in the writer's notification ("": the request id)
-    write_by: float = float("inf")  # wall-clock time (time.time()) after which no write may start or go on
+    transfer_id: str  # names this reservation in the writer's notification
+    write_by: float  # wall-clock time (time.time()) after which no write may start or go on
 
 
 @dataclass(slots=True)

@@ -155,7 +155,7 @@ class Decode:
 
                 async def stream():
                     decode.while_reserving()
-                    yield Reservation(0, [1, 2, 3], transfer_id)
+                    yield Reservation(0, [1, 2, 3], transfer_id, time.time() + 60)
                     await asyncio.Event().wait()  # decoding: the tokens go on the feed
 
                 return stream()
